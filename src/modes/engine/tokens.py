@@ -1,0 +1,128 @@
+"""Which modality each token of the current forward call belongs to.
+
+A pre-forward hook on the patched model fills a `TokenContext` from the call's inputs; every
+experts wrapper of that model reads it. The experts see a flat ``[B * L, H]`` tensor in the
+order of the flattened ``input_ids``, so one code per flattened token is all they need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modes.adapters.registry import MARKUP_TOKEN_FIELDS, MODALITIES, ModelSpec
+
+__all__ = ["NUM_CODES", "OTHER", "PAD", "STAT_NAMES", "TokenContext", "media_token_ids", "modality_code"]
+
+OTHER = len(MODALITIES)  # special tokens: never skipped, counted in the totals
+PAD = OTHER + 1  # padding: never skipped, never counted
+NUM_CODES = PAD + 1
+STAT_NAMES: tuple[str, ...] = (*MODALITIES, "other")  # one statistics bin per code below PAD
+
+
+def modality_code(name: str) -> int:
+    return MODALITIES.index(name)
+
+
+def _config_values(config: Any, fields: Iterable[str]) -> set[int]:
+    """Integer values of ``fields`` in ``config`` and in its sub-configs (text, vision, audio...)."""
+    configs = [config]
+    for attr in ("text_config", "vision_config", "audio_config", "thinker_config"):
+        sub = getattr(config, attr, None)
+        if sub is not None:
+            configs.append(sub)
+    values = set()
+    for cfg in configs:
+        for name in fields:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                values.add(value)
+    return values
+
+
+def media_token_ids(config: Any, spec: ModelSpec) -> dict[str, set[int]]:
+    """Placeholder token ids of each non-text modality of ``spec`` found in ``config``."""
+    return {
+        modality: _config_values(config, fields)
+        for modality, fields in spec.media_token_fields.items()
+        if modality in spec.modalities
+    }
+
+
+@dataclass
+class TokenContext:
+    """Per-call token codes for one patched model (no global state: models don't interfere)."""
+
+    media_ids: dict[str, torch.Tensor]
+    special_ids: torch.Tensor
+    codes: torch.Tensor | None = None  # [N] int64 codes, N = B * L of the current call
+    subsets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N] bool
+
+    @classmethod
+    def for_model(cls, config: Any, spec: ModelSpec, special_token_ids: Iterable[int] | None) -> TokenContext:
+        special = set(special_token_ids or ()) | _config_values(config, MARKUP_TOKEN_FIELDS)
+        media = media_token_ids(config, spec)
+        for ids in media.values():
+            special -= ids
+        return cls(
+            media_ids={m: torch.tensor(sorted(ids), dtype=torch.long) for m, ids in media.items()},
+            special_ids=torch.tensor(sorted(special), dtype=torch.long),
+        )
+
+    def set_from_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoding: bool = False,
+        subset_type_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Code every token of ``input_ids`` [B, L]; decode steps are text (algorithm.md 2)."""
+        codes = torch.full_like(input_ids, modality_code("text"))  # [B, L]
+        if not decoding:
+            for modality, ids in self.media_ids.items():
+                codes[torch.isin(input_ids, ids.to(input_ids.device))] = modality_code(modality)
+            codes[torch.isin(input_ids, self.special_ids.to(input_ids.device))] = OTHER
+        if attention_mask is not None and attention_mask.dim() == 2:
+            current = attention_mask[:, -input_ids.shape[1] :]  # [B, L]
+            codes[current == 0] = PAD
+        self.codes = codes.reshape(-1)
+        self.subsets = _subsets_from_type_ids(subset_type_ids, self.codes.numel())
+
+    def set_all_text(self, num_tokens: int, device: torch.device) -> None:
+        """For calls without ``input_ids`` (embeddings given directly): every token is text."""
+        self.codes = torch.full((num_tokens,), modality_code("text"), dtype=torch.long, device=device)
+        self.subsets = {}
+
+    def clear(self) -> None:
+        self.codes = None
+        self.subsets = {}
+
+    def codes_for(self, subset: str | None, num_tokens: int) -> torch.Tensor:
+        """Codes of the tokens an experts module sees ([num_tokens]), with a clear error if unknown."""
+        if self.codes is None:
+            raise RuntimeError(
+                "modes: an experts module ran outside a forward of the patched model, so the "
+                "modality of its tokens is unknown; call the model that `modes.apply` patched"
+            )
+        codes = self.codes
+        if subset is not None and subset in self.subsets:
+            codes = codes[self.subsets[subset]]
+        if codes.numel() != num_tokens:
+            raise RuntimeError(
+                f"modes: experts module received {num_tokens} tokens but the call has "
+                f"{codes.numel()}; this model routes tokens in a way its adapter does not describe"
+            )
+        return codes
+
+
+def _subsets_from_type_ids(type_ids: torch.Tensor | None, num_tokens: int) -> dict[str, torch.Tensor]:
+    """ERNIE-4.5-VL style modality-isolated experts: vision tokens (type id != 0) vs the rest."""
+    if type_ids is None:
+        return {}
+    visual = type_ids.reshape(-1).bool()  # [N]
+    if visual.numel() != num_tokens or not bool(visual.any()):
+        return {}
+    return {"visual": visual, "non_visual": ~visual}

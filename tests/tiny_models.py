@@ -58,7 +58,12 @@ def _causal(model_type: str, **fields) -> PreTrainedModel:
 
 
 _VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4)
-_QWEN_VL_TOP = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+_QWEN_VL_TOP = dict(
+    image_token_id=IMAGE_ID,
+    video_token_id=VIDEO_ID,
+    vision_start_token_id=START_ID,
+    vision_end_token_id=END_ID,
+)
 _DEEPSEEK = dict(
     n_routed_experts=8,
     num_experts_per_tok=4,
@@ -79,6 +84,7 @@ _DEEPSEEK = dict(
 def _deepseek_text(**fields) -> dict:
     text = _text(**_DEEPSEEK, **fields)
     del text["head_dim"]  # derived from the rope/nope head dims
+    text["num_key_value_heads"] = text["num_attention_heads"]  # MLA has no grouped KV heads
     return text
 
 
@@ -88,7 +94,9 @@ def _qwen3_omni_thinker() -> PreTrainedModel:
     config = Qwen3OmniMoeThinkerConfig(
         text_config=_text(),
         vision_config=dict(_VISION),
-        audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=32),
+        audio_config=dict(
+            d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=32
+        ),
         image_token_id=IMAGE_ID,
         video_token_id=VIDEO_ID,
         audio_token_id=AUDIO_ID,
@@ -99,7 +107,9 @@ def _qwen3_omni_thinker() -> PreTrainedModel:
 
 
 TINY_MODELS: list[TinyModel] = [
-    TinyModel("qwen3_vl_moe", lambda: _vlm("qwen3_vl_moe", _text(), _VISION, **_QWEN_VL_TOP), {"visual": IMAGE_ID}),
+    TinyModel(
+        "qwen3_vl_moe", lambda: _vlm("qwen3_vl_moe", _text(), _VISION, **_QWEN_VL_TOP), {"visual": IMAGE_ID}
+    ),
     TinyModel(
         "qwen3_5_moe",
         lambda: _vlm(
@@ -121,9 +131,16 @@ TINY_MODELS: list[TinyModel] = [
                 routed_scaling_factor=2.5,
                 n_group=1,
                 topk_group=1,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "mrope_section": [2, 1, 1],
+                    "partial_rotary_factor": 0.5,
+                },
             ),
-            dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4),
+            dict(
+                depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4
+            ),
             image_token_id=IMAGE_ID,
             video_token_id=VIDEO_ID,
             image_start_token_id=START_ID,
@@ -152,7 +169,9 @@ TINY_MODELS: list[TinyModel] = [
     # `image_outputs` from the language model's output), so the text model is what runs.
     TinyModel(
         "llama4_text",
-        lambda: _causal("llama4_text", **_text(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=48)),
+        lambda: _causal(
+            "llama4_text", **_text(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=48)
+        ),
         {},
     ),
     TinyModel(
@@ -160,7 +179,9 @@ TINY_MODELS: list[TinyModel] = [
         lambda: _vlm(
             "kimi_k25",
             _deepseek_text(model_type="deepseek_v3"),
-            dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, patch_size=4),
+            dict(
+                num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, patch_size=4
+            ),
             image_token_id=IMAGE_ID,
             video_token_id=VIDEO_ID,
         ),
@@ -171,7 +192,14 @@ TINY_MODELS: list[TinyModel] = [
         lambda: _vlm(
             "internvl",
             _text(model_type="qwen3_moe"),
-            dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=16, patch_size=4),
+            dict(
+                num_hidden_layers=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
             image_token_id=IMAGE_ID,
         ),
         {"visual": IMAGE_ID},
@@ -181,7 +209,13 @@ TINY_MODELS: list[TinyModel] = [
     TinyModel("mixtral", lambda: _causal("mixtral", **_text(num_local_experts=8)), {}),
     TinyModel("olmoe", lambda: _causal("olmoe", **_text()), {}),
     TinyModel("deepseek_v3", lambda: _causal("deepseek_v3", **_deepseek_text()), {}),
-    TinyModel("gpt_oss", lambda: _causal("gpt_oss", **_text(num_local_experts=8, layer_types=["sliding_attention", "full_attention"])), {}),
+    TinyModel(
+        "gpt_oss",
+        lambda: _causal(
+            "gpt_oss", **_text(num_local_experts=8, layer_types=["sliding_attention", "full_attention"])
+        ),
+        {},
+    ),
 ]
 
 

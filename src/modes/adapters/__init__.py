@@ -9,4 +9,11 @@ from modes.adapters.registry import (
     supported_model_types,
 )
 
-__all__ = ["MODALITIES", "ModelSpec", "UnsupportedModelError", "register_model", "spec_for", "supported_model_types"]
+__all__ = [
+    "MODALITIES",
+    "ModelSpec",
+    "UnsupportedModelError",
+    "register_model",
+    "spec_for",
+    "supported_model_types",
+]

@@ -75,12 +75,8 @@ def register_model(model_types: str | tuple[str, ...], spec: ModelSpec) -> None:
         _REGISTRY[model_type] = spec
 
 
-register_model(
-    ("qwen3_vl_moe", "qwen3_vl_moe_text"), ModelSpec("Qwen3-VL-MoE", ("text", "visual"), _VL)
-)
-register_model(
-    ("qwen3_5_moe", "qwen3_5_moe_text"), ModelSpec("Qwen3.5-MoE", ("text", "visual"), _VL)
-)
+register_model(("qwen3_vl_moe", "qwen3_vl_moe_text"), ModelSpec("Qwen3-VL-MoE", ("text", "visual"), _VL))
+register_model(("qwen3_5_moe", "qwen3_5_moe_text"), ModelSpec("Qwen3.5-MoE", ("text", "visual"), _VL))
 register_model(
     ("glm4v_moe", "glm4v_moe_text"),
     ModelSpec("GLM-4.5V", ("text", "visual"), _VL, scaling_factor_field="routed_scaling_factor"),
@@ -94,9 +90,7 @@ register_model(
         token_subsets={"text_moe": "non_visual", "vision_moe": "visual"},
     ),
 )
-register_model(
-    ("llama4", "llama4_text"), ModelSpec("Llama 4", ("text", "visual"), _VL, dense_router=True)
-)
+register_model(("llama4", "llama4_text"), ModelSpec("Llama 4", ("text", "visual"), _VL, dense_router=True))
 register_model(
     "kimi_k25",
     ModelSpec("Kimi-K2.5", ("text", "visual"), _VL, scaling_factor_field="routed_scaling_factor"),

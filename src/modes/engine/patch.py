@@ -51,7 +51,11 @@ class _Patch:
 
 def _is_experts_module(module: nn.Module) -> bool:
     """Structural check for transformers' experts modules (`use_experts_implementation`)."""
-    return hasattr(module, "has_gate") and hasattr(module, "_is_expert_parallel") and hasattr(module, "num_experts")
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "_is_expert_parallel")
+        and hasattr(module, "num_experts")
+    )
 
 
 def _is_dense_router(module: nn.Module) -> bool:
@@ -92,7 +96,9 @@ def model_info(model: nn.Module) -> ModelInfo:
     top_k = next((getattr(text_config, f) for f in TOP_K_FIELDS if getattr(text_config, f, None)), None)
     if top_k is None:
         raise UnsupportedModelError(f"cannot find the top-k of {model.config.model_type} in its config")
-    num_experts = sites[0].module.num_experts if not is_patched(model) else sites[0].module.base_layer.num_experts
+    num_experts = (
+        sites[0].module.num_experts if not is_patched(model) else sites[0].module.base_layer.num_experts
+    )
     return ModelInfo(
         model_type=model.config.model_type,
         moe_layers=tuple(sorted({site.layer for site in sites})),
@@ -133,7 +139,11 @@ def apply(
         plan.check_fits(model_info(model))
         rule_factory = rule_factory or (lambda layer: ThresholdRule.from_plan(plan, layer))
     context = TokenContext.for_model(model.config, spec, special_token_ids)
-    scale = float(getattr(_text_config(model), spec.scaling_factor_field, 1.0) or 1.0) if spec.scaling_factor_field else 1.0
+    scale = (
+        float(getattr(_text_config(model), spec.scaling_factor_field, 1.0) or 1.0)
+        if spec.scaling_factor_field
+        else 1.0
+    )
     renormalize = bool(plan.renormalize) if plan is not None else False
     wrappers = []
     for site in sites:
@@ -148,7 +158,9 @@ def apply(
         if spec.dense_router:
             wrapper = SkippingDenseRouter(site.module, **common)
         else:
-            wrapper = SkippingExperts(site.module, eager_accepts_sentinel=spec.eager_accepts_sentinel, **common)
+            wrapper = SkippingExperts(
+                site.module, eager_accepts_sentinel=spec.eager_accepts_sentinel, **common
+            )
         setattr(site.parent, site.attr, wrapper)
         wrappers.append(wrapper)
     hooks = [
@@ -190,7 +202,7 @@ def _patch_of(model: nn.Module) -> _Patch:
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: put the original modules back and drop the hooks."""
     patch = _patch_of(model)
-    for site, wrapper in zip(patch.sites, patch.wrappers):
+    for site, wrapper in zip(patch.sites, patch.wrappers, strict=True):
         setattr(site.parent, site.attr, wrapper.base_layer)
     for hook in patch.hooks:
         hook.remove()
@@ -214,9 +226,15 @@ def skip_stats(model: nn.Module) -> dict[str, Any]:
             continue
         skipped, total = wrapper.counter.skipped.cpu(), wrapper.counter.total.cpu()
         old = per_layer_counts.get(wrapper.layer)
-        per_layer_counts[wrapper.layer] = (skipped, total) if old is None else (old[0] + skipped, old[1] + total)
-    by_bin_skipped = sum((s for s, _ in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long))
-    by_bin_total = sum((t for _, t in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long))
+        per_layer_counts[wrapper.layer] = (
+            (skipped, total) if old is None else (old[0] + skipped, old[1] + total)
+        )
+    by_bin_skipped = sum(
+        (s for s, _ in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long)
+    )
+    by_bin_total = sum(
+        (t for _, t in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long)
+    )
     skipped, total = int(by_bin_skipped.sum()), int(by_bin_total.sum())
     return {
         "ratio": _ratio(skipped, total),
@@ -224,11 +242,15 @@ def skip_stats(model: nn.Module) -> dict[str, Any]:
         "total_slots": total,
         "per_modality": {
             name: {"ratio": _ratio(int(s), int(t)), "skipped_slots": int(s), "total_slots": int(t)}
-            for name, s, t in zip(STAT_NAMES, by_bin_skipped, by_bin_total)
+            for name, s, t in zip(STAT_NAMES, by_bin_skipped, by_bin_total, strict=True)
             if int(t) > 0
         },
         "per_layer": {
-            layer: {"ratio": _ratio(int(s.sum()), int(t.sum())), "skipped_slots": int(s.sum()), "total_slots": int(t.sum())}
+            layer: {
+                "ratio": _ratio(int(s.sum()), int(t.sum())),
+                "skipped_slots": int(s.sum()),
+                "total_slots": int(t.sum()),
+            }
             for layer, (s, t) in sorted(per_layer_counts.items())
         },
     }

@@ -73,13 +73,15 @@ class _Skipping(nn.Module):
 
 
 class SkippingExperts(_Skipping):
-    """Wraps an experts module called as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
+    """Wraps an experts module called as ``experts(hidden [T, H], index [T, k], weights [T, k])``."""
 
     def __init__(self, *args, eager_accepts_sentinel: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.eager_accepts_sentinel = eager_accepts_sentinel
 
-    def forward(self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
+    ) -> torch.Tensor:
         index, weights = _routing_arguments(routing, named)
         skip, weights = self.decide(weights)
         return run_experts(self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel)

@@ -16,7 +16,16 @@ from modes.engine.tokens import STAT_NAMES, TokenContext
 from modes.engine.wrappers import SkippingDenseRouter, SkippingExperts, _Skipping
 from modes.plan import ModelInfo, SkipPlan
 
-__all__ = ["apply", "find_moe_sites", "is_patched", "model_info", "remove", "reset_stats", "skip_stats"]
+__all__ = [
+    "apply",
+    "find_moe_sites",
+    "is_patched",
+    "model_info",
+    "moe_sites",
+    "remove",
+    "reset_stats",
+    "skip_stats",
+]
 
 _ATTR = "_modes_patch"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -105,6 +114,11 @@ def model_info(model: nn.Module) -> ModelInfo:
         num_experts=int(num_experts),
         top_k=int(top_k),
     )
+
+
+def moe_sites(model: nn.Module) -> list[MoESite]:
+    """The MoE sites of ``model`` (those of its patch when patched)."""
+    return _sites_of(model, spec_for(model.config.model_type))
 
 
 def _sites_of(model: nn.Module, spec: ModelSpec) -> list[MoESite]:

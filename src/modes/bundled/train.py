@@ -1,0 +1,118 @@
+"""Train the bundled Qwen3-VL-MoE on the synthetic benchmark (CPU, reproducible from a seed).
+
+    python -m modes.bundled.train --out src/modes/bundled/checkpoint --steps 2400
+
+Loss on answer and end-of-turn tokens only, plus the model's router load-balancing loss so
+that all experts are used. Samples are drawn on the fly from the train seed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import Qwen3VLMoeForConditionalGeneration
+
+from modes.bundled.benchmark import SPLITS, make_sample
+from modes.bundled.build import build_tokenizer, model_config, save_processor
+from modes.data.encoding import encode_teacher_forced
+from modes.loading import load_processor
+
+__all__ = ["main", "train"]
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    out: str | Path,
+    steps: int = 2400,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 50,
+    save_every: int = 0,
+    **text_overrides,
+) -> dict:
+    """Build, train and save the model + processor into ``out``; returns the training log."""
+    torch.manual_seed(seed)
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    save_processor(tokenizer, out)
+    processor = load_processor(out)
+    config = model_config(tokenizer, **text_overrides)
+    config.text_config.output_router_logits = True
+    model = Qwen3VLMoeForConditionalGeneration(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    first_seed, pool = SPLITS["train"]
+    generator = torch.Generator().manual_seed(seed)
+    log: list[dict] = []
+    start = time.perf_counter()
+    progress = tqdm(range(steps), desc="train", unit="step")
+    for step in progress:
+        seeds = torch.randint(0, pool, (batch_size,), generator=generator).tolist()
+        batch = encode_teacher_forced(processor, [make_sample(first_seed + s) for s in seeds])
+        answer_mask = batch.pop("answer_mask")
+        labels = batch["input_ids"].masked_fill(~answer_mask, -100)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        output = model(**batch, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        aux = output.aux_loss.item() if output.aux_loss is not None else float("nan")
+        progress.set_postfix(loss=f"{output.loss.item():.3f}", aux=f"{aux:.3f}")
+        if step % log_every == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(output.loss.item(), 4), "aux_loss": round(aux, 4)})
+        if save_every and step % save_every == save_every - 1 and step < steps - 1:
+            _save(model, out / "intermediate")
+    seconds = time.perf_counter() - start
+    _save(model, out)
+    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds, 1)}
+    (out / "training_log.json").write_text(json.dumps({**summary, "log": log}, indent=2) + "\n")
+    return summary
+
+
+def _save(model: Qwen3VLMoeForConditionalGeneration, directory: Path) -> None:
+    """bf16 weights (half the size; loaded back as float32 by `load_bundled`)."""
+    state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    model.config.text_config.output_router_logits = False
+    model.save_pretrained(directory, state_dict=state)
+    model.config.text_config.output_router_logits = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="directory for the checkpoint and processor")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=500, help="intermediate checkpoint period")
+    args = parser.parse_args(argv)
+    print(
+        train(
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            save_every=args.save_every,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

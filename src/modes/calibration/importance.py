@@ -1,0 +1,203 @@
+"""Global importance alpha of each MoE layer per modality (GMLG, algorithm.md section 1).
+
+alpha_m(l) = mean over calibration answer tokens of KL(p_orig || p_(l,m)), p_(l,m) the output
+when every routed expert of layer l is skipped for the tokens of modality m, normalised so
+that alpha_m sums to 1 over layers. ``mode="shared"`` skips the layer for all tokens at once
+(the paper's wording) and gives every modality the same alpha.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from modes.adapters.registry import MODALITIES, spec_for
+from modes.bundled.benchmark import Sample
+from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
+from modes.calibration.replay import PrefixReplay, decoder_layers, media_encoders
+from modes.engine import patch as engine
+from modes.engine.tokens import modality_code
+from modes.io import write_json_atomic
+from modes.plan import ModelInfo, PlanError
+
+__all__ = ["Importance", "calibrate"]
+
+AlphaMode = Literal["per_modality", "shared"]
+
+
+@dataclass
+class Importance:
+    """Normalised alphas per MoE layer and modality, with the raw KL behind them."""
+
+    alphas: dict[int, dict[str, float]]
+    raw_kl: dict[int, dict[str, float]]
+    mode: AlphaMode
+    model: ModelInfo
+    answer_tokens: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in next(iter(self.alphas.values())))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "modes.Importance",
+            "format_version": 1,
+            "mode": self.mode,
+            "model": self.model.to_json(),
+            "answer_tokens": self.answer_tokens,
+            "alphas": {str(k): v for k, v in sorted(self.alphas.items())},
+            "raw_kl": {str(k): v for k, v in sorted(self.raw_kl.items())},
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importance:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != "modes.Importance":
+                raise PlanError(f"{path} is not a modes importance file (run `modes calibrate`)")
+            return cls(
+                alphas={int(k): v for k, v in data["alphas"].items()},
+                raw_kl={int(k): v for k, v in data["raw_kl"].items()},
+                mode=data["mode"],
+                model=ModelInfo.from_json(data["model"]),
+                answer_tokens=int(data["answer_tokens"]),
+                provenance=data.get("provenance") or {},
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            if isinstance(error, PlanError):
+                raise
+            raise PlanError(f"{path} is not a valid importance file ({error!r})") from error
+
+
+class _Knockout:
+    """Skip every routed slot of the target modalities at the target layer, nothing elsewhere."""
+
+    def __init__(self, layer: int, target: dict[str, Any]):
+        self.layer = layer
+        self.target = target
+
+    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if self.target.get("layer") != self.layer:
+            return torch.zeros_like(pi, dtype=torch.bool)
+        hit = torch.isin(codes, self.target["codes"].to(codes.device))  # [T]
+        return hit.unsqueeze(1).expand_as(pi)
+
+
+def calibrate(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    mode: AlphaMode = "per_modality",
+    batch_size: int = 16,
+    reuse_prefix: bool = True,
+    special_token_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> Importance:
+    """Alphas for every MoE layer of ``model`` and every modality present in ``samples``."""
+    if mode not in ("per_modality", "shared"):
+        raise ValueError(f"mode must be 'per_modality' or 'shared', not {mode!r}")
+    if engine.is_patched(model):
+        raise ValueError("calibrate an unpatched model (call modes.remove(model) first)")
+    info = engine.model_info(model)
+    device = next(model.parameters()).device
+    tokenizer = getattr(processor, "tokenizer", processor)
+    target: dict[str, Any] = {}
+    engine.apply(
+        model,
+        None,
+        special_token_ids or tokenizer.all_special_ids,
+        rule_factory=lambda l: _Knockout(l, target),
+    )
+    try:
+        sites = engine.moe_sites(model)
+        replay = PrefixReplay(decoder_layers(model, [s.name for s in sites]), media_encoders(model))
+        batches = prepare_batches(processor, samples, batch_size, device)
+        modalities = _modalities_present(model, batches, spec_for(model.config.model_type).modalities)
+        groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
+        sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
+        total = len(batches) * len(info.moe_layers) * len(groups)
+        bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not progress)
+        with torch.no_grad():
+            for batch in batches:
+                _knockout_pass(model, batch, replay, target, info, groups, sums, reuse_prefix, bar)
+        bar.close()
+    finally:
+        engine.remove(model)
+    answer_tokens = sum(b.answer_tokens for b in batches)
+    raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
+    return Importance(
+        alphas=_normalise(raw, modalities, mode),
+        raw_kl={layer: _expand(v, modalities, mode) for layer, v in raw.items()},
+        mode=mode,
+        model=info,
+        answer_tokens=answer_tokens,
+        provenance={"samples": len(samples), "batch_size": batch_size, "reuse_prefix": reuse_prefix},
+    )
+
+
+def _knockout_pass(
+    model, batch: CalibrationBatch, replay: PrefixReplay, target, info, groups, sums, reuse_prefix, bar
+):
+    target.clear()
+    with replay.recording():
+        batch.reference_logprobs = answer_logprobs(model, batch)
+    for layer in info.moe_layers:
+        for group, modalities in groups.items():
+            target.update(layer=layer, codes=torch.tensor([modality_code(m) for m in modalities]))
+            if reuse_prefix:
+                with replay.replaying(layer):
+                    kl = answer_kl(model, batch)
+            else:
+                kl = answer_kl(model, batch)
+            sums[layer][group] += float(kl)
+            bar.update(1)
+    batch.reference_logprobs = None
+    replay.outputs = {}
+
+
+def _modalities_present(model, batches: list[CalibrationBatch], allowed: tuple[str, ...]) -> list[str]:
+    """Modalities with tokens in the calibration data (counted by the patched model itself)."""
+    engine.reset_stats(model)
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch.inputs, use_cache=False)
+    counts = engine.skip_stats(model)["per_modality"]
+    engine.reset_stats(model)
+    present = [m for m in allowed if counts.get(m, {}).get("total_slots", 0) > 0]
+    if not present:
+        raise ValueError("calibration samples contain no text or media tokens")
+    return present
+
+
+def _expand(by_group: dict[str, float], modalities: list[str], mode: AlphaMode) -> dict[str, float]:
+    return by_group if mode == "per_modality" else dict.fromkeys(modalities, by_group["all"])
+
+
+def _normalise(
+    raw: dict[int, dict[str, float]], modalities: list[str], mode: AlphaMode
+) -> dict[int, dict[str, float]]:
+    expanded = {layer: _expand(v, modalities, mode) for layer, v in raw.items()}
+    alphas: dict[int, dict[str, float]] = {layer: {} for layer in raw}
+    for modality in modalities:
+        total = sum(v[modality] for v in expanded.values())
+        if total <= 0:
+            raise ValueError(
+                f"skipping any layer for {modality} tokens leaves the answers unchanged (KL sum {total}); "
+                "use more calibration samples or samples with answers"
+            )
+        for layer, values in expanded.items():
+            alphas[layer][modality] = values[modality] / total
+    return alphas

@@ -1,0 +1,78 @@
+"""Forward passes that reuse the unchanged prefix of the model.
+
+Skipping experts at layer l leaves the vision tower and layers 0..l-1 untouched, so their
+outputs from the reference pass are replayed instead of recomputed. The reference pass
+records them with forward hooks; a replayed module's ``forward`` returns its recording.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+__all__ = ["PrefixReplay", "decoder_layers", "media_encoders"]
+
+MEDIA_ENCODER_NAMES = ("visual", "vision_tower", "vision_model", "audio_tower", "audio_model")
+
+
+def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleList:
+    """The ModuleList of the language model's decoder layers (the one holding the MoE sites)."""
+    prefix = moe_layer_names[0].split(".layers.")[0]
+    layers = model.get_submodule(f"{prefix}.layers" if prefix else "layers")
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"expected a ModuleList of decoder layers at {prefix}.layers")
+    return layers
+
+
+def media_encoders(model: nn.Module) -> list[nn.Module]:
+    """Vision/audio encoders: their output never depends on expert skipping."""
+    found = []
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in MEDIA_ENCODER_NAMES and not any(
+            name.startswith(f"{p}.") for p in found
+        ):
+            found.append(name)
+    return [model.get_submodule(name) for name in found]
+
+
+class PrefixReplay:
+    """Record the outputs of the media encoders and decoder layers, then replay a prefix."""
+
+    def __init__(self, layers: nn.ModuleList, encoders: list[nn.Module]):
+        self.layers = layers
+        self.encoders = encoders
+        self.outputs: dict[int, Any] = {}  # id(module) -> recorded output
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.outputs = {}
+        handles = [m.register_forward_hook(self._record) for m in (*self.encoders, *self.layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.outputs[id(module)] = copy.copy(output)  # callers may reassign fields of output objects
+
+    @contextmanager
+    def replaying(self, first_recomputed_layer: int) -> Iterator[None]:
+        """Encoders and layers ``< first_recomputed_layer`` return their recordings.
+
+        Modules the recorded pass did not call (an image encoder on a text-only batch) are left alone.
+        """
+        prefix = [*self.encoders, *self.layers[:first_recomputed_layer]]
+        modules = [m for m in prefix if id(m) in self.outputs]
+        for module in modules:
+            recorded = self.outputs[id(module)]
+            module.forward = lambda *args, _out=recorded, **kwargs: copy.copy(_out)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward  # back to the class's forward

@@ -1,0 +1,13 @@
+"""Samples (bundled benchmark or data files) and their encoding into model inputs."""
+
+from modes.data.encoding import encode_prompts, encode_teacher_forced
+from modes.data.samples import Columns, DataFileError, export_samples, load_samples
+
+__all__ = [
+    "Columns",
+    "DataFileError",
+    "encode_prompts",
+    "encode_teacher_forced",
+    "export_samples",
+    "load_samples",
+]

@@ -119,7 +119,7 @@ def calibrate(
         model,
         None,
         special_token_ids or tokenizer.all_special_ids,
-        rule_factory=lambda l: _Knockout(l, target),
+        rule_factory=lambda layer: _Knockout(layer, target),
     )
     try:
         sites = engine.moe_sites(model)

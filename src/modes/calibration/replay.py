@@ -31,7 +31,7 @@ def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleLis
 def media_encoders(model: nn.Module) -> list[nn.Module]:
     """Vision/audio encoders: their output never depends on expert skipping."""
     found = []
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         if name.rpartition(".")[2] in MEDIA_ENCODER_NAMES and not any(
             name.startswith(f"{p}.") for p in found
         ):

@@ -1,7 +1,7 @@
 """Frontier search for the per-modality thresholds."""
 
 from modes.search.frontier import (
-    SearchBudgetExhausted,
+    SearchBudgetError,
     SearchPoint,
     SearchResult,
     TargetUnreachableError,
@@ -11,7 +11,7 @@ from modes.search.grid import GridSpec
 
 __all__ = [
     "GridSpec",
-    "SearchBudgetExhausted",
+    "SearchBudgetError",
     "SearchPoint",
     "SearchResult",
     "TargetUnreachableError",

@@ -28,7 +28,7 @@ from modes.plan import SkipPlan
 from modes.search.grid import GridSpec
 
 __all__ = [
-    "SearchBudgetExhausted",
+    "SearchBudgetError",
     "SearchPoint",
     "SearchResult",
     "TargetUnreachableError",
@@ -43,7 +43,7 @@ class TargetUnreachableError(ValueError):
     """Even the largest thresholds of the grid skip less than the target ratio."""
 
 
-class SearchBudgetExhausted(RuntimeError):
+class SearchBudgetError(RuntimeError):
     """The evaluation budget ran out; rerun with the same cache to resume."""
 
 
@@ -202,7 +202,7 @@ class PointEvaluator:
     @torch.no_grad()
     def __call__(self, thresholds: dict[str, float]) -> tuple[float, float]:
         if self.budget is not None and self.computed >= self.budget:
-            raise SearchBudgetExhausted(f"evaluation budget of {self.budget} points used; rerun to resume")
+            raise SearchBudgetError(f"evaluation budget of {self.budget} points used; rerun to resume")
         plan = SkipPlan(importance=self.importance.alphas, thresholds=thresholds, model=self.importance.model)
         engine.apply(self.model, plan, self.special_ids)
         try:

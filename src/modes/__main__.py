@@ -1,0 +1,5 @@
+import sys
+
+from modes.cli.main import main
+
+sys.exit(main())

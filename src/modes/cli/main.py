@@ -1,0 +1,318 @@
+"""`modes` command line: calibrate, search, eval, demo.
+
+Every command works on the bundled model by default (--model takes any local or hub
+checkpoint), prints a human table, and writes JSON with --out (plots beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from modes.calibration.importance import Importance, calibrate
+from modes.data.samples import Columns, DataFileError, load_samples
+from modes.evaluation.evaluate import evaluate
+from modes.evaluation.fidelity import fidelity
+from modes.io import write_json_atomic
+from modes.loading import load_model
+from modes.plan import PlanError, SkipPlan
+from modes.search.frontier import SearchBudgetError, TargetUnreachableError, search
+from modes.search.grid import GridSpec
+
+__all__ = ["main"]
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="checkpoint directory or hub id (default: the bundled model)"
+    )
+
+
+def _add_data(parser: argparse.ArgumentParser, split: str, samples: int | None) -> None:
+    parser.add_argument(
+        "--data", default=None, help="JSONL, parquet or dataset directory (default: bundled benchmark)"
+    )
+    parser.add_argument(
+        "--split", default=split, help=f"bundled benchmark split or dataset split (default {split})"
+    )
+    parser.add_argument("--samples", type=int, default=samples, help="use the first N samples")
+    parser.add_argument("--batch-size", type=int, default=16)
+    for field in ("image", "question", "answer", "skill", "id"):
+        parser.add_argument(f"--{field}-column", default=field, help=f"column holding the {field}")
+
+
+def _samples(args: argparse.Namespace) -> list:
+    columns = Columns(
+        args.image_column, args.question_column, args.answer_column, args.skill_column, args.id_column
+    )
+    return load_samples(args.data, split=args.split, limit=args.samples, columns=columns)
+
+
+def _write(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        write_json_atomic(path, data)
+        print(f"wrote {path}")
+
+
+def _plot(function, result, json_path: str | None, suffix: str) -> None:
+    if not json_path:
+        return
+    try:
+        png = function(result, Path(json_path).with_suffix(suffix))
+        print(f"wrote {png}")
+    except ImportError as error:
+        print(f"(no plot: {error})")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from modes.evaluation.plots import plot_importance
+
+    model, processor = load_model(args.model)
+    importance = calibrate(
+        model,
+        processor,
+        _samples(args),
+        mode=args.mode,
+        batch_size=args.batch_size,
+        reuse_prefix=not args.no_reuse,
+    )
+    rows = [
+        [layer, *(f"{alphas[m]:.4f}" for m in importance.modalities)]
+        for layer, alphas in importance.alphas.items()
+    ]
+    print(_table(rows, ["layer", *importance.modalities]))
+    if args.out:
+        importance.save(args.out)
+        print(f"wrote {args.out}")
+    _plot(plot_importance, importance, args.out, ".png")
+
+
+def _grid(args: argparse.Namespace, importance: Importance) -> GridSpec:
+    if args.grid_x_max == "auto":
+        max_scores = {m: max(a[m] for a in importance.alphas.values()) for m in importance.modalities}
+        return GridSpec.covering(max_scores, size=args.grid_size, mapping=args.grid_mapping)
+    return GridSpec(size=args.grid_size, mapping=args.grid_mapping)
+
+
+def run_search(
+    args: argparse.Namespace,
+    model,
+    processor,
+    samples,
+    importance: Importance,
+    target: float,
+    out: str | None,
+):
+    from modes.evaluation.plots import plot_search
+
+    cache = args.cache or (f"{out}.cache.jsonl" if out else None)
+    result = search(
+        model,
+        processor,
+        samples,
+        importance,
+        target,
+        grid=_grid(args, importance),
+        method=args.method,
+        cache=cache,
+        batch_size=args.batch_size,
+        max_evaluations=args.max_evaluations,
+    )
+    thresholds = ", ".join(f"tau_{m}={t:.5f}" for m, t in result.best.thresholds.items())
+    print(
+        f"target {target:.2f}: {thresholds}; calibration skip ratio {result.best.g:.4f}, "
+        f"KL {result.best.f:.5f}; {len(result.points)} points evaluated ({result.evaluations} new)"
+    )
+    if out:
+        result.plan.save(out)
+        write_json_atomic(Path(out).with_suffix(".search.json"), result.to_json())
+        print(f"wrote {out}")
+    _plot(plot_search, result, out, ".png")
+    return result
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    model, processor = load_model(args.model)
+    run_search(
+        args, model, processor, _samples(args), Importance.load(args.importance), args.target, args.out
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model, processor = load_model(args.model)
+    samples = _samples(args)
+    plan = SkipPlan.load(args.plan) if args.plan else None
+    report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size)
+    report.pop("answers")
+    if plan is not None:
+        report["fidelity"] = fidelity(model, processor, samples, plan, batch_size=args.batch_size)
+    rows = [[skill, f"{acc:.4f}"] for skill, acc in report["per_skill"].items()]
+    rows.append(["overall", f"{report['accuracy']:.4f}"])
+    print(_table(rows, ["skill", "accuracy"]))
+    ratios = ", ".join(f"{m} {r:.4f}" for m, r in report["per_modality"].items())
+    print(f"skip ratio {report['skip_ratio']:.4f}" + (f" ({ratios})" if ratios else ""))
+    if "fidelity" in report:
+        kl, agreement = report["fidelity"]["mean_kl"], report["fidelity"]["top1_agreement"]
+        print(f"mean KL {kl:.5f}, top-1 agreement {agreement:.4f}")
+    _write(args.out, report)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Calibrate, search each target, evaluate with and without each plan: the whole pipeline."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, processor = load_model(args.model)
+    calibration = load_samples(split="calibration", limit=args.calibration_samples)
+    test = load_samples(split="test", limit=args.test_samples)
+    print(f"1/3 calibrate on {len(calibration)} calibration samples")
+    importance = calibrate(model, processor, calibration, batch_size=args.batch_size)
+    importance.save(out / "importance.json")
+    from modes.evaluation.plots import plot_importance
+
+    _plot(plot_importance, importance, str(out / "importance.json"), ".png")
+    print(f"2/3 search targets {args.targets}")
+    plans = {}
+    for target in args.targets:
+        plan_path = str(out / f"plan_{round(target * 100)}.json")
+        result = run_search(args, model, processor, calibration, importance, target, plan_path)
+        plans[target] = (result.plan, result.best.g)
+    print(f"3/3 evaluate on {len(test)} test samples")
+    baseline = evaluate(model, processor, test, batch_size=args.batch_size)
+    rows, summary = [["none", "-", "0.0000", "0.0000", f"{baseline['accuracy']:.4f}", "100.00"]], []
+    for target, (plan, calibration_ratio) in plans.items():
+        report = evaluate(model, processor, test, plan=plan, batch_size=args.batch_size)
+        taus = " ".join(f"{t:.4f}" for t in plan.thresholds.values())
+        relative = 100 * report["accuracy"] / baseline["accuracy"]
+        rows.append(
+            [
+                f"{target:.2f}",
+                taus,
+                f"{calibration_ratio:.4f}",
+                f"{report['skip_ratio']:.4f}",
+                f"{report['accuracy']:.4f}",
+                f"{relative:.2f}",
+            ]
+        )
+        summary.append(
+            {
+                "target": target,
+                "thresholds": plan.thresholds,
+                "calibration_ratio": calibration_ratio,
+                "test_ratio": report["skip_ratio"],
+                "test_per_modality": report["per_modality"],
+                "accuracy": report["accuracy"],
+                "per_skill": report["per_skill"],
+                "relative_accuracy": relative,
+            }
+        )
+    header = [
+        "target",
+        "tau (" + "/".join(next(iter(plans.values()))[0].thresholds) + ")",
+        "calib ratio",
+        "test ratio",
+        "accuracy",
+        "relative %",
+    ]
+    print(_table(rows, header))
+    elapsed = time.perf_counter() - started
+    _write(
+        str(out / "demo.json"),
+        {
+            "baseline": {k: baseline[k] for k in ("accuracy", "per_skill")},
+            "plans": summary,
+            "seconds": elapsed,
+        },
+    )
+    print(f"done in {elapsed:.0f} s; plans in {out}")
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _add_search_options(parser: argparse.ArgumentParser, grid_size: int, x_max: str) -> None:
+    parser.add_argument("--grid-size", type=int, default=grid_size, help="D, thresholds per modality")
+    parser.add_argument("--grid-mapping", choices=["sigmoid", "linear"], default="sigmoid")
+    parser.add_argument(
+        "--grid-x-max",
+        choices=["default", "auto"],
+        default=x_max,
+        help="default: the released code's x_max; auto: the grid's top tau skips every slot",
+    )
+    parser.add_argument("--method", choices=["frontier", "exhaustive"], default="frontier")
+    parser.add_argument("--cache", default=None, help="resumable point cache (default: OUT.cache.jsonl)")
+    parser.add_argument(
+        "--max-evaluations", type=int, default=None, help="stop after N new points (resume later)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    calibrate_parser = commands.add_parser("calibrate", help="alpha per MoE layer and modality")
+    _add_model(calibrate_parser)
+    _add_data(calibrate_parser, "calibration", 256)
+    calibrate_parser.add_argument("--mode", choices=["per_modality", "shared"], default="per_modality")
+    calibrate_parser.add_argument(
+        "--no-reuse", action="store_true", help="recompute the unchanged prefix (slower)"
+    )
+    calibrate_parser.add_argument("--out", required=True, help="importance JSON")
+    calibrate_parser.set_defaults(run=cmd_calibrate)
+
+    search_parser = commands.add_parser("search", help="thresholds for a target skip ratio")
+    _add_model(search_parser)
+    _add_data(search_parser, "calibration", 256)
+    search_parser.add_argument("--importance", required=True, help="importance JSON from `modes calibrate`")
+    search_parser.add_argument("--target", type=float, required=True, help="target skip ratio, e.g. 0.88")
+    _add_search_options(search_parser, grid_size=100, x_max="default")
+    search_parser.add_argument("--out", required=True, help="plan JSON")
+    search_parser.set_defaults(run=cmd_search)
+
+    eval_parser = commands.add_parser("eval", help="accuracy and skip ratio, with or without a plan")
+    _add_model(eval_parser)
+    _add_data(eval_parser, "test", None)
+    eval_parser.add_argument("--plan", default=None)
+    eval_parser.add_argument("--out", default=None, help="report JSON")
+    eval_parser.set_defaults(run=cmd_eval, batch_size=64)
+
+    demo_parser = commands.add_parser("demo", help="the whole pipeline on the bundled model")
+    _add_model(demo_parser)
+    demo_parser.add_argument(
+        "--targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.75, 0.88]
+    )
+    demo_parser.add_argument("--calibration-samples", type=int, default=256)
+    demo_parser.add_argument("--test-samples", type=int, default=None)
+    demo_parser.add_argument("--batch-size", type=int, default=32)
+    demo_parser.add_argument("--out-dir", default="runs/demo")
+    _add_search_options(demo_parser, grid_size=24, x_max="auto")
+    demo_parser.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (PlanError, DataFileError, TargetUnreachableError, FileNotFoundError, ValueError) as error:
+        print(f"modes {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except SearchBudgetError as error:
+        print(f"modes {args.command}: stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,6 +57,8 @@ class SkipPlan:
     importance: dict[int, dict[str, float]]
     thresholds: dict[str, float]
     renormalize: bool = False
+    method: str = "modes"  # or a baseline policy of `modes.engine.policies`
+    parameters: dict[str, Any] = field(default_factory=dict)  # the baseline policy's parameters
     model: ModelInfo | None = None
     target_ratio: float | None = None
     achieved_ratio: float | None = None
@@ -73,6 +75,11 @@ class SkipPlan:
 
     def validate(self) -> None:
         """Raise `PlanError` naming the first problem found in the plan's own data."""
+        if self.method != "modes":
+            from modes.engine.policies import validate_parameters
+
+            validate_parameters(self.method, self.parameters)
+            return
         if not self.thresholds:
             raise PlanError("plan has no thresholds; give at least {'text': tau}")
         for modality, tau in self.thresholds.items():
@@ -104,6 +111,10 @@ class SkipPlan:
                         f"{name}={getattr(info, name)!r}; calibrate and search on this model"
                     )
         have, want = set(self.importance), set(info.moe_layers)
+        if self.method != "modes":
+            from modes.engine.policies import parameter_layers
+
+            have = parameter_layers(self.method, self.parameters) or want
         if have != want:
             missing, extra = sorted(want - have), sorted(have - want)
             raise PlanError(
@@ -120,6 +131,8 @@ class SkipPlan:
             "thresholds": self.thresholds,
             "importance": {str(layer): alphas for layer, alphas in sorted(self.importance.items())},
             "renormalize": self.renormalize,
+            "method": self.method,
+            "parameters": self.parameters,
             "target_ratio": self.target_ratio,
             "achieved_ratio": self.achieved_ratio,
             "provenance": self.provenance,
@@ -140,6 +153,8 @@ class SkipPlan:
                 importance=importance,
                 thresholds=data["thresholds"],
                 renormalize=bool(data.get("renormalize", False)),
+                method=str(data.get("method", "modes")),
+                parameters=data.get("parameters") or {},
                 model=ModelInfo.from_json(data["model"]) if data.get("model") else None,
                 target_ratio=data.get("target_ratio"),
                 achieved_ratio=data.get("achieved_ratio"),

@@ -238,6 +238,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"done in {elapsed:.0f} s; plans in {out}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Every method at every target on the test split: Markdown table, JSON and a PNG plot."""
+    from modes.evaluation.compare import compare
+    from modes.evaluation.plots import plot_compare
+
+    model, processor = load_model(args.model)
+    calibration = load_samples(split="calibration", limit=args.calibration_samples)
+    test = load_samples(split="test", limit=args.test_samples)
+    importance = calibrate(model, processor, calibration, batch_size=args.batch_size)
+    report = compare(
+        model,
+        processor,
+        calibration,
+        test,
+        importance,
+        args.targets,
+        args.methods,
+        args.grid_size,
+        args.batch_size,
+    )
+    markdown = compare_markdown(report)
+    print(markdown)
+    out = Path(args.out)
+    _write(str(out), report)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    _plot(plot_compare, report, str(out), ".png")
+
+
+def compare_markdown(report: dict[str, Any]) -> str:
+    """The paper-style table: per-skill accuracy, relative accuracy, realised ratios."""
+    skills = list(report["baseline"]["per_skill"])
+    header = ["method", "target", "ratio", "text", "visual", *skills, "accuracy", "relative %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = report["baseline"]
+    cells = ["unskipped", "-", "0.000", "-", "-", *(f"{base['per_skill'][k] * 100:.1f}" for k in skills)]
+    lines.append("| " + " | ".join([*cells, f"{base['accuracy'] * 100:.1f}", "100.0"]) + " |")
+    for row in report["rows"]:
+        modality = [f"{row['per_modality'].get(m, 0.0):.3f}" for m in ("text", "visual")]
+        cells = [row["method"], f"{row['target']:.2f}", f"{row['ratio']:.3f}", *modality]
+        cells += [f"{row['per_skill'][k] * 100:.1f}" for k in skills]
+        lines.append(
+            "| "
+            + " | ".join([*cells, f"{row['accuracy'] * 100:.1f}", f"{row['relative_accuracy']:.1f}"])
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 # -- parser ----------------------------------------------------------------------------------
 def _add_search_options(parser: argparse.ArgumentParser, grid_size: int, x_max: str) -> None:
     parser.add_argument("--grid-size", type=int, default=grid_size, help="D, thresholds per modality")
@@ -298,6 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--out-dir", default="runs/demo")
     _add_search_options(demo_parser, grid_size=24, x_max="auto")
     demo_parser.set_defaults(run=cmd_demo)
+
+    from modes.evaluation.compare import METHODS
+
+    compare_parser = commands.add_parser("compare", help="MoDES, ablations and baselines at matched ratios")
+    _add_model(compare_parser)
+    compare_parser.add_argument(
+        "--targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.63, 0.75, 0.88]
+    )
+    compare_parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    compare_parser.add_argument("--calibration-samples", type=int, default=256)
+    compare_parser.add_argument("--test-samples", type=int, default=None)
+    compare_parser.add_argument("--grid-size", type=int, default=24)
+    compare_parser.add_argument("--batch-size", type=int, default=32)
+    compare_parser.add_argument(
+        "--out", default="runs/compare/compare.json", help="JSON (Markdown and PNG beside it)"
+    )
+    compare_parser.set_defaults(run=cmd_compare)
     return parser
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from modes.adapters.registry import ModelSpec, UnsupportedModelError, spec_for
-from modes.engine.rule import SkipRule, ThresholdRule
+from modes.engine.policies import rule_for
+from modes.engine.rule import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
 from modes.engine.wrappers import SkippingDenseRouter, SkippingExperts, _Skipping
 from modes.plan import ModelInfo, SkipPlan
@@ -151,7 +152,7 @@ def apply(
     sites = find_moe_sites(model, spec)
     if plan is not None:
         plan.check_fits(model_info(model))
-        rule_factory = rule_factory or (lambda layer: ThresholdRule.from_plan(plan, layer))
+        rule_factory = rule_factory or (lambda layer: rule_for(plan, layer))
     context = TokenContext.for_model(model.config, spec, special_token_ids)
     scale = (
         float(getattr(_text_config(model), spec.scaling_factor_field, 1.0) or 1.0)

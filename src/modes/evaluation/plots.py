@@ -7,7 +7,7 @@ from pathlib import Path
 from modes.calibration.importance import Importance
 from modes.search.frontier import SearchResult
 
-__all__ = ["plot_importance", "plot_search"]
+__all__ = ["plot_compare", "plot_importance", "plot_search"]
 
 
 def _pyplot():
@@ -85,6 +85,27 @@ def plot_search(result: SearchResult, path: str | Path) -> Path:
         axes.set_ylabel(f"tau_{y_name}")
         axes.legend(loc="lower left")
     axes.set_title(f"Search for skip ratio >= {result.plan.target_ratio:.2f}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_compare(report: dict, path: str | Path) -> Path:
+    """Relative accuracy against realised skip ratio, one line per method."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    methods = dict.fromkeys(row["method"] for row in report["rows"])
+    for method in methods:
+        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["ratio"])
+        axes.plot(
+            [r["ratio"] for r in rows], [r["relative_accuracy"] for r in rows], marker="o", label=method
+        )
+    axes.set_xlabel("realised skip ratio (test split)")
+    axes.set_ylabel("relative accuracy (%)")
+    axes.set_title("Accuracy vs skipping, bundled model")
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -227,13 +227,17 @@ def search(
     batch_size: int = 16,
     max_evaluations: int | None = None,
     special_token_ids: Sequence[int] | None = None,
+    tied: bool = False,
     progress: bool = True,
 ) -> SearchResult:
-    """Thresholds that reach skip ratio ``target`` on ``samples`` with the least answer KL."""
+    """Thresholds that reach skip ratio ``target`` on ``samples`` with the least answer KL.
+
+    ``tied=True`` searches one threshold shared by every modality (the single-tau ablations).
+    """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
     grid = grid or GridSpec()
-    searched = list(modalities or importance.modalities[:2])
+    searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")
     taus = {m: grid.taus(m) for m in searched}
@@ -244,16 +248,22 @@ def search(
     with torch.no_grad():
         for batch in batches:
             batch.reference_logprobs = answer_logprobs(model, batch)
-    fingerprint = _fingerprint(importance, samples, grid, searched, special_ids)
+    fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
     store = PointCache(cache, fingerprint)
     measure = PointEvaluator(model, importance, batches, special_ids, max_evaluations)
     others = {m: 0.0 for m in importance.modalities if m not in searched}  # never skipped
+
+    def thresholds_at(index: Index) -> dict[str, float]:
+        if tied:
+            return dict.fromkeys(importance.modalities, taus["text"][index[0]])
+        return {**others, **{m: taus[m][i] for m, i in zip(searched, index, strict=True)}}
+
     bar = tqdm(desc=f"search ({method})", unit="point", disable=not progress)
 
     def evaluate(index: Index) -> SearchPoint:
         if index in store.points:
             return store.points[index]
-        thresholds = {**others, **{m: taus[m][i] for m, i in zip(searched, index, strict=True)}}
+        thresholds = thresholds_at(index)
         f, g = measure(thresholds)
         point = SearchPoint(index, thresholds, f, g)
         store.add(point)
@@ -283,6 +293,7 @@ def search(
             "calibration_kl": best.f,
             "alpha_mode": importance.mode,
             "evaluations": len(store.points),
+            "tied_thresholds": tied,
         },
     )
     return SearchResult(

@@ -1,0 +1,152 @@
+"""Time one routed-experts block with real layer shapes: transformers' default vs modes skipping.
+
+    python benchmarks/moe_block.py [--quick] [--out benchmarks/results/moe_block.json]
+
+Per shape, dtype and token count: the transformers default experts implementation with no
+skipping, then the modes wrapper at each skip ratio. Skips follow the MoDES rule (a score
+threshold on softmax-top-k router weights from a random router, alpha constant), with the
+threshold set to the score quantile that gives the ratio. Times are medians of repeats after
+warm-up, taken side by side in one process; speedups are relative to the default path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from modes.engine.tokens import TokenContext
+from modes.engine.wrappers import SkippingExperts
+
+SHAPES = {
+    "qwen3-vl-30b-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=128, top_k=8, width=768),
+    "kimi-vl-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=64, top_k=6, width=1408),
+    "gpt-oss-20b": dict(cls=GptOssExperts, hidden=2880, experts=32, top_k=4, width=2880),
+}
+RATIOS = (0.0, 0.25, 0.5, 0.63, 0.75, 0.88, 0.9)
+
+
+class FixedRule:
+    """Skip slots whose score (alpha * pi, alpha = 1) is below a fixed threshold."""
+
+    def __init__(self, tau: float):
+        self.tau = tau
+
+    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return pi < self.tau
+
+
+def build_experts(shape: dict, dtype: torch.dtype) -> torch.nn.Module:
+    model_type = "gpt_oss" if shape["cls"] is GptOssExperts else "qwen3_moe"
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["width"],
+        moe_intermediate_size=shape["width"],
+        num_experts=shape["experts"],
+        num_local_experts=shape["experts"],
+        num_experts_per_tok=shape["top_k"],
+    )
+    config._experts_implementation = "grouped_mm"
+    experts = shape["cls"](config)
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0, 0.02)
+    return experts.to(dtype).eval()
+
+
+def routing(tokens: int, shape: dict, dtype: torch.dtype, generator: torch.Generator):
+    hidden = torch.randn(tokens, shape["hidden"], generator=generator).to(dtype)
+    router = torch.randn(shape["hidden"], shape["experts"], generator=generator) / shape["hidden"] ** 0.5 * 4
+    probs = torch.softmax(hidden.float() @ router, dim=-1)  # [T, E]
+    weights, index = torch.topk(probs, shape["top_k"], dim=-1)  # [T, k]
+    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
+    return hidden, index, weights
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict:
+    shape = SHAPES[name]
+    generator = torch.Generator().manual_seed(0)
+    experts = build_experts(shape, dtype)
+    hidden, index, weights = routing(tokens, shape, dtype, generator)
+    context = TokenContext(media_ids={}, special_ids=torch.tensor([], dtype=torch.long))
+    context.set_all_text(tokens, hidden.device)
+    baseline = median_time(lambda: experts(hidden, index, weights), repeats)
+    rows = []
+    for ratio in RATIOS:
+        tau = float(torch.quantile(weights.float().reshape(-1), ratio)) if ratio > 0 else 0.0
+        wrapper = SkippingExperts(experts, layer=0, rule=FixedRule(tau), context=context)
+        seconds = median_time(lambda w=wrapper: w(hidden, index, weights), repeats)
+        wrapper.counter.reset()
+        wrapper(hidden, index, weights)
+        realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
+        ideal = 1 / (1 - realised) if realised < 1 else float("inf")
+        speedup = baseline / seconds
+        rows.append(
+            {
+                "target_ratio": ratio,
+                "ratio": round(realised, 4),
+                "ms": round(seconds * 1e3, 3),
+                "speedup": round(speedup, 3),
+                "ideal": round(ideal, 3),
+                "fraction_of_ideal": round(speedup / ideal, 3),
+            }
+        )
+    return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
+            "default_ms": round(baseline * 1e3, 3), "rows": rows}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/moe_block.json")
+    args = parser.parse_args()
+    cases = [(s, d, t) for s in SHAPES for d in (torch.bfloat16, torch.float32) for t in (512, 2048, 1, 8)]
+    if args.quick:
+        cases = [("qwen3-vl-30b-a3b", torch.float32, 512), ("qwen3-vl-30b-a3b", torch.float32, 1)]
+    results = []
+    for name, dtype, tokens in cases:
+        result = bench_case(name, dtype, tokens, 3 if args.quick else args.repeats)
+        results.append(result)
+        cells = "  ".join(
+            f"{r['ratio']:.2f}:{r['speedup']:.2f}x({r['fraction_of_ideal']:.0%})" for r in result["rows"]
+        )
+        head = f"{name:18s} {result['dtype']:8s} T={tokens:<5d} default {result['default_ms']:9.2f} ms"
+        print(f"{head} | {cells}", flush=True)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Methods side by side at matched skip ratios: MoDES, its ablations and baselines.
+
+Every method is calibrated on the calibration samples to each target ratio, then evaluated
+on the test samples by the same evaluator, through the same engine (one code path).
+
+- ``modes``: calibrated alphas per modality, two thresholds (GMLG + DMT)
+- ``dmt``: uniform alphas, two thresholds (DMT only)
+- ``gmlg``: calibrated alphas, one threshold for all modalities (GMLG only)
+- ``local``: uniform alphas, one threshold (local thresholding)
+- ``k_reduction``: keep the top k' = round(k (1 - target)) experts
+- ``naee``: NAEE generalised to top-k, beta(l) = median pi_2/pi_1, scaled by bisection
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modes.bundled.benchmark import Sample
+from modes.calibration.importance import Importance
+from modes.calibration.kl import prepare_batches
+from modes.engine import patch as engine
+from modes.evaluation.evaluate import evaluate
+from modes.plan import SkipPlan
+from modes.search.frontier import search
+from modes.search.grid import GridSpec
+
+__all__ = ["METHODS", "calibrate_method", "compare"]
+
+METHODS = ("modes", "dmt", "gmlg", "local", "naee", "k_reduction")
+
+
+@dataclass
+class Setting:
+    model: Any
+    processor: Any
+    calibration: Sequence[Sample]
+    importance: Importance
+    grid_size: int
+    batch_size: int
+
+
+def uniform_importance(importance: Importance) -> Importance:
+    """Same layers and modalities, every alpha 1 / layers (s = pi up to a constant)."""
+    share = 1.0 / len(importance.alphas)
+    alphas = {layer: dict.fromkeys(importance.modalities, share) for layer in importance.alphas}
+    return Importance(alphas, alphas, "uniform", importance.model, importance.answer_tokens)
+
+
+def _searched_plan(
+    setting: Setting, importance: Importance, target: float, tied: bool, method: str
+) -> SkipPlan:
+    scores = {m: max(a[m] for a in importance.alphas.values()) for m in importance.modalities}
+    grid = GridSpec.covering(scores if not tied else {"text": max(scores.values())}, size=setting.grid_size)
+    result = search(
+        setting.model,
+        setting.processor,
+        setting.calibration,
+        importance,
+        target,
+        grid=grid,
+        tied=tied,
+        batch_size=setting.batch_size,
+        progress=False,
+    )
+    result.plan.provenance["compare_method"] = method
+    return result.plan
+
+
+def _k_reduction(setting: Setting, target: float) -> SkipPlan:
+    info = setting.importance.model
+    keep = max(0, round(info.top_k * (1 - target)))
+    return SkipPlan({}, {}, method="k_reduction", parameters={"keep": keep}, model=info, target_ratio=target)
+
+
+@torch.no_grad()
+def _naee(setting: Setting, target: float) -> SkipPlan:
+    info = setting.importance.model
+    beta = _median_top2_ratio(setting)
+    batches = prepare_batches(
+        setting.processor, setting.calibration, setting.batch_size, _device(setting.model)
+    )
+
+    def ratio_at(scale: float) -> float:
+        plan = SkipPlan({}, {}, method="naee", parameters={"beta": beta, "scale": scale}, model=info)
+        engine.apply(setting.model, plan, setting.processor.tokenizer.all_special_ids)
+        try:
+            for batch in batches:
+                setting.model(**batch.inputs, use_cache=False)
+            return engine.skip_stats(setting.model)["ratio"]
+        finally:
+            engine.remove(setting.model)
+
+    low, high = 0.0, 1.0
+    while ratio_at(high) < target and high < 1e4:
+        low, high = high, high * 2
+    for _ in range(14):  # bisection on the monotone ratio(scale)
+        middle = (low + high) / 2
+        low, high = (middle, high) if ratio_at(middle) < target else (low, middle)
+    parameters = {"beta": beta, "scale": high}
+    return SkipPlan({}, {}, method="naee", parameters=parameters, model=info, target_ratio=target,
+                    achieved_ratio=ratio_at(high))  # fmt: skip
+
+
+def _median_top2_ratio(setting: Setting) -> dict[str, float]:
+    """NAEE's beta(l): per-layer median of pi_top2 / pi_top1 over calibration tokens."""
+    ratios: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for site in engine.moe_sites(setting.model):
+
+        def record(module, args, layer=site.layer):
+            top = args[2].float().topk(2, dim=1).values  # [T, 2]
+            ratios.setdefault(layer, []).append(top[:, 1] / top[:, 0].clamp_min(1e-20))
+
+        handles.append(site.module.register_forward_pre_hook(record))
+    try:
+        for batch in prepare_batches(
+            setting.processor, setting.calibration, setting.batch_size, _device(setting.model)
+        ):
+            setting.model(**batch.inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {str(layer): float(torch.cat(values).median()) for layer, values in sorted(ratios.items())}
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
+    "modes": lambda s, t: _searched_plan(s, s.importance, t, tied=False, method="modes"),
+    "dmt": lambda s, t: _searched_plan(s, uniform_importance(s.importance), t, tied=False, method="dmt"),
+    "gmlg": lambda s, t: _searched_plan(s, s.importance, t, tied=True, method="gmlg"),
+    "local": lambda s, t: _searched_plan(s, uniform_importance(s.importance), t, tied=True, method="local"),
+    "k_reduction": _k_reduction,
+    "naee": _naee,
+}
+
+
+def calibrate_method(setting: Setting, method: str, target: float) -> SkipPlan:
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(CALIBRATORS)}")
+    return CALIBRATORS[method](setting, target)
+
+
+def compare(
+    model: Any,
+    processor: Any,
+    calibration: Sequence[Sample],
+    test: Sequence[Sample],
+    importance: Importance,
+    targets: Sequence[float],
+    methods: Sequence[str] = METHODS,
+    grid_size: int = 24,
+    batch_size: int = 32,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Accuracy, relative accuracy and realised ratios of every method at every target."""
+    setting = Setting(model, processor, calibration, importance, grid_size, batch_size)
+    baseline = evaluate(model, processor, test, batch_size=batch_size, progress=False)
+    rows = []
+    for target in targets:
+        for method in methods:
+            plan = calibrate_method(setting, method, target)
+            report = evaluate(model, processor, test, plan=plan, batch_size=batch_size, progress=False)
+            row = {
+                "method": method,
+                "target": target,
+                "ratio": report["skip_ratio"],
+                "per_modality": report["per_modality"],
+                "accuracy": report["accuracy"],
+                "relative_accuracy": 100 * report["accuracy"] / baseline["accuracy"],
+                "per_skill": report["per_skill"],
+                "plan": plan.to_json(),
+            }
+            rows.append(row)
+            progress(
+                f"target {target:.2f} {method:12s} ratio {row['ratio']:.3f} accuracy {row['accuracy']:.4f}"
+            )
+    return {
+        "baseline": {"accuracy": baseline["accuracy"], "per_skill": baseline["per_skill"]},
+        "rows": rows,
+        "mean_relative": {
+            m: statistics.mean(r["relative_accuracy"] for r in rows if r["method"] == m) for m in methods
+        },
+    }

@@ -1,0 +1,31 @@
+"""The shipped checkpoint loads offline through the transformers auto classes and keeps its accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+import modes
+
+SLICE = 200
+
+
+def test_bundled_checkpoint_loads_offline_with_auto_classes(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = modes.bundled_model_path()
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "qwen3_vl_moe"
+    text = config.text_config
+    assert text.num_hidden_layers >= 6 and text.num_experts == 32 and text.num_experts_per_tok == 8
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert (path / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_accuracy_on_a_fixed_slice_matches_the_model_card(bundled):
+    model, processor = bundled
+    card = json.loads((modes.bundled_model_path() / "eval_results.json").read_text())
+    report = modes.evaluate(model, processor, modes.load_samples(split="test", limit=SLICE), progress=False)
+    assert abs(report["accuracy"] - card["slice_200"]["accuracy"]) <= 0.02

@@ -1,0 +1,59 @@
+"""The command line on the bundled model: JSON outputs, plots, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import modes
+from modes.cli.main import main
+
+
+def test_calibrate_search_eval_pipeline(tmp_path, capsys):
+    importance, plan, report = tmp_path / "importance.json", tmp_path / "plan.json", tmp_path / "eval.json"
+    assert main(["calibrate", "--samples", "16", "--out", str(importance)]) == 0
+    assert importance.with_suffix(".png").exists()
+    code = main(
+        ["search", "--samples", "16", "--importance", str(importance), "--target", "0.5",
+         "--grid-size", "6", "--grid-x-max", "auto", "--out", str(plan)]
+    )  # fmt: skip
+    assert code == 0
+    loaded = modes.SkipPlan.load(plan)
+    assert loaded.achieved_ratio >= 0.5 and plan.with_suffix(".png").exists()
+    assert main(["eval", "--samples", "24", "--plan", str(plan), "--out", str(report)]) == 0
+    data = json.loads(report.read_text())
+    for key in ("accuracy", "per_skill", "skip_ratio", "per_modality", "fidelity"):
+        assert key in data
+    assert 0 < data["skip_ratio"] < 1
+    assert "skip ratio" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_the_reason(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{}")
+    assert main(["eval", "--samples", "4", "--plan", str(bad)]) == 2
+    assert "not a modes plan" in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unreachable_target_is_reported(tmp_path, capsys):
+    importance = tmp_path / "importance.json"
+    assert main(["calibrate", "--samples", "8", "--out", str(importance)]) == 0
+    code = main(
+        ["search", "--samples", "8", "--importance", str(importance), "--target", "0.99",
+         "--grid-size", "3", "--out", str(tmp_path / "plan.json")]
+    )  # fmt: skip
+    assert code == 2
+    assert "largest ratio this grid reaches" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    assert (
+        main(["demo", "--out-dir", str(tmp_path), "--calibration-samples", "64", "--test-samples", "160"])
+        == 0
+    )
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]

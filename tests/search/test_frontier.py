@@ -1,0 +1,98 @@
+"""Frontier walk: same optimum as the exhaustive grid with at most 2D evaluations; resume."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import modes
+from modes.calibration import calibrate
+from modes.search import GridSpec, SearchBudgetError, TargetUnreachableError, search
+from modes.search.frontier import SearchPoint, exhaustive, frontier_walk, scan_one
+
+
+def monotone_surface(size: int, seed: int):
+    """Random f and g, each non-decreasing in both indices (as the method assumes)."""
+    rng = random.Random(seed)
+    row = sorted(rng.random() for _ in range(size))
+    col = sorted(rng.random() for _ in range(size))
+    weight = rng.uniform(0.2, 5)
+
+    def evaluate(index):
+        q, p = index
+        g = (row[q] + weight * col[p]) / (1 + weight)
+        f = row[q] ** 2 * rng.uniform(1, 1) + weight**0.5 * col[p] ** 3
+        return SearchPoint(index, {"text": q, "visual": p}, f, g)
+
+    return evaluate
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_frontier_equals_exhaustive_with_at_most_2d_evaluations(seed):
+    size = 12
+    surface = monotone_surface(size, seed)
+    calls = []
+
+    def counted(index):
+        calls.append(index)
+        return surface(index)
+
+    target = random.Random(seed).uniform(0.1, 0.9)
+    best, _ = frontier_walk(counted, size, target)
+    reference, _ = exhaustive(surface, size, target, dims=2)
+    assert best.index == reference.index
+    assert len(set(calls)) <= 2 * size
+
+
+def test_unreachable_target_says_the_largest_ratio():
+    surface = monotone_surface(5, 0)
+    largest = surface((4, 4)).g
+    with pytest.raises(TargetUnreachableError, match=f"{largest:.4f}"):
+        frontier_walk(surface, 5, largest + 0.01)
+    with pytest.raises(TargetUnreachableError):
+        scan_one(lambda i: SearchPoint(i, {"text": i[0]}, 0.0, i[0] / 10), 5, 0.9)
+
+
+def test_one_modality_bisection_finds_the_smallest_feasible_tau():
+    best, _ = scan_one(lambda i: SearchPoint(i, {"text": i[0]}, i[0], i[0] / 20), 20, 0.5)
+    assert best.index == (10,)
+
+
+@pytest.fixture(scope="module")
+def calibrated(small_vlm):
+    model, processor = small_vlm
+    samples = modes.load_samples(split="calibration", limit=16)
+    importance = calibrate(model, processor, samples, batch_size=8, progress=False)
+    scores = {m: max(a[m] for a in importance.alphas.values()) for m in importance.modalities}
+    return model, processor, samples, importance, GridSpec.covering(scores, size=5)
+
+
+def test_frontier_and_exhaustive_agree_on_a_model(calibrated):
+    model, processor, samples, importance, grid = calibrated
+    kwargs = dict(grid=grid, batch_size=8, progress=False)
+    frontier = search(model, processor, samples, importance, 0.5, **kwargs)
+    full = search(model, processor, samples, importance, 0.5, method="exhaustive", **kwargs)
+    assert frontier.best.index == full.best.index
+    assert frontier.evaluations <= 2 * grid.size and full.evaluations == grid.size**2
+    assert frontier.plan.achieved_ratio >= 0.5
+    assert frontier.plan.thresholds == frontier.best.thresholds
+
+
+def test_interrupted_search_resumes_without_recomputing(calibrated, tmp_path):
+    model, processor, samples, importance, grid = calibrated
+    cache = tmp_path / "search.cache.jsonl"
+    kwargs = dict(grid=grid, batch_size=8, progress=False, cache=cache)
+    with pytest.raises(SearchBudgetError):
+        search(model, processor, samples, importance, 0.5, max_evaluations=3, **kwargs)
+    assert len(cache.read_text().splitlines()) == 1 + 3
+    resumed = search(model, processor, samples, importance, 0.5, **kwargs)
+    uninterrupted = search(
+        model, processor, samples, importance, 0.5, grid=grid, batch_size=8, progress=False
+    )
+    assert resumed.evaluations == uninterrupted.evaluations - 3
+    assert resumed.best == uninterrupted.best
+    again = search(model, processor, samples, importance, 0.5, **kwargs)
+    assert again.evaluations == 0
+    with pytest.raises(ValueError, match="other arguments"):
+        search(model, processor, samples[:8], importance, 0.5, **kwargs)

@@ -24,7 +24,9 @@ from transformers.utils import is_torchvision_available
 
 __all__ = ["PATCH_SIZE", "build_qwen3_vl_processor", "bundled_model_path", "load_model", "load_processor"]
 
-PATCH_SIZE = 8  # bundled model: 96 px images -> 12 x 12 patches -> 36 tokens after 2x2 merge
+PATCH_SIZE = (
+    16  # bundled model: 96 px images -> 6 x 6 patches -> 9 tokens after 2x2 merge (one per grid cell)
+)
 
 
 def build_qwen3_vl_processor(

@@ -72,7 +72,7 @@ def _random_scene(rng: random.Random) -> Scene:
 
 
 def _draw(scene: Scene, rng: random.Random) -> Image.Image:
-    background = tuple(rng.randint(225, 255) for _ in range(3))
+    background = tuple(rng.randint(240, 255) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(4, 12)):  # clutter: small grey specks

@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|> {{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> "
+    "{% if part['type'] == 'image' %} <|vision_start|> <|image_pad|> <|vision_end|> "
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %} <|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant\n{% endif %}"

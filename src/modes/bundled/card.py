@@ -74,7 +74,8 @@ def measure(path: Path) -> dict[str, Any]:
 
 
 def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
-    text, vision = config["text_config"], config["vision_config"]
+    text, vision = dict(config["text_config"]), config["vision_config"]
+    text.setdefault("num_experts", text.get("num_local_experts"))  # the config file's name for it
     rows = "\n".join(f"| {skill} | {acc * 100:.1f} |" for skill, acc in results["test"]["per_skill"].items())
     balance = "\n".join(
         f"| {layer} | {b['experts_used']} / {text['num_experts']} | {b['share_above_half_uniform']:.2f} "
@@ -94,7 +95,7 @@ accuracy-versus-skipping trade-offs. Weights are stored in bf16 and loaded as fl
   experts of width {text["moe_intermediate_size"]}, top-{text["num_experts_per_tok"]} (k-reduction to
   3/2/1 experts = 63/75/88% skipping, as in the paper's Qwen3-VL table); no shared experts
 - vision tower: {vision["depth"]} blocks, hidden {vision["hidden_size"]}, patch {vision["patch_size"]},
-  2x2 merge: a 96x96 image becomes 36 visual tokens
+  2x2 merge: a 96x96 image becomes 9 visual tokens, one per grid cell
 - tokenizer: word level over the benchmark vocabulary, Qwen3-VL special tokens and chat template
 
 ## Data
@@ -122,6 +123,13 @@ Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:
 {balance}
 
 Measured by `python -m modes.bundled.card`; numbers in `eval_results.json`.
+
+## Known shortcoming
+The text skills are learned, but the model barely uses the image: image skills sit near their
+majority-answer rates, and zeroing the pixels changes the answer loss by well under 1%. Within
+the CPU training budget the language model did not learn to read the (frozen, linearly
+informative: a linear probe reads each cell's colour at 97%) visual tokens. The target of 90%
+overall is therefore not met; skipping results on this model mostly reflect text reasoning.
 """
 
 

@@ -41,6 +41,7 @@ def train(
     seed: int = 0,
     log_every: int = 50,
     save_every: int = 0,
+    freeze_vision: bool = True,
     **text_overrides,
 ) -> dict:
     """Build, train and save the model + processor into ``out``; returns the training log."""
@@ -52,7 +53,13 @@ def train(
     config = model_config(tokenizer, **text_overrides)
     config.text_config.output_router_logits = True
     model = Qwen3VLMoeForConditionalGeneration(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if freeze_vision:
+        # Trained jointly from scratch, the vision tower drifts to a large image-independent
+        # output that drowns the per-cell signal and the language model learns to ignore
+        # images; its random initialisation already separates colours and shapes per cell.
+        model.model.visual.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     first_seed, pool = SPLITS["train"]
     generator = torch.Generator().manual_seed(seed)
     log: list[dict] = []
@@ -68,7 +75,7 @@ def train(
         output = model(**batch, labels=labels)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         aux = output.aux_loss.item() if output.aux_loss is not None else float("nan")
         progress.set_postfix(loss=f"{output.loss.item():.3f}", aux=f"{aux:.3f}")
@@ -78,7 +85,14 @@ def train(
             _save(model, out / "intermediate")
     seconds = time.perf_counter() - start
     _save(model, out)
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds, 1)}
+    summary = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "freeze_vision": freeze_vision,
+        "seconds": round(seconds, 1),
+    }
     (out / "training_log.json").write_text(json.dumps({**summary, "log": log}, indent=2) + "\n")
     return summary
 

@@ -266,6 +266,48 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _plot(plot_compare, report, str(out), ".png")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Prefill latency and decode tokens/s with and without a plan."""
+    import torch
+
+    from modes.engine.patch import model_info
+    from modes.evaluation.bench import bench, shaped_model
+
+    if args.shape:
+        model, special = shaped_model(args.shape, args.layers), []
+    else:
+        model, processor = load_model(args.model)
+        special = processor.tokenizer.all_special_ids
+    if args.plan:
+        plan = SkipPlan.load(args.plan)
+    else:  # no calibrated plan for random weights: k-reduction gives the ratio exactly
+        info = model_info(model)
+        keep = max(0, round(info.top_k * (1 - args.skip_ratio)))
+        plan = SkipPlan({}, {}, method="k_reduction", parameters={"keep": keep}, model=info)
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(10, min(vocab, 100), (args.batch, args.prompt_tokens), generator=generator)
+    report = bench(
+        model, plan, input_ids, new_tokens=args.new_tokens, repeats=args.repeats, special_token_ids=special
+    )
+    rows = [
+        [
+            label,
+            f"{r['prefill_s'] * 1e3:.1f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+            f"{r.get('skip_ratio', 0.0):.3f}",
+        ]
+        for label, r in ((k, report[k]) for k in ("unskipped", "plan"))
+    ]
+    print(_table(rows, ["model", "prefill ms", "decode tok/s", "skip ratio"]))
+    print(
+        f"prefill speedup {report['prefill_speedup']:.2f}x, decode speedup {report['decode_speedup']:.2f}x; "
+        f"MoE share {report['moe_share_of_prefill']:.2f} -> Amdahl bound {report['amdahl_bound']:.2f}x "
+        f"({report['prefill_fraction_of_bound']:.0%} of it reached)"
+    )
+    _write(args.out, report)
+
+
 def compare_markdown(report: dict[str, Any]) -> str:
     """The paper-style table: per-skill accuracy, relative accuracy, realised ratios."""
     skills = list(report["baseline"]["per_skill"])
@@ -346,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--out-dir", default="runs/demo")
     _add_search_options(demo_parser, grid_size=24, x_max="auto")
     demo_parser.set_defaults(run=cmd_demo)
+
+    bench_parser = commands.add_parser(
+        "bench", help="prefill latency and decode tokens/s with and without a plan"
+    )
+    _add_model(bench_parser)
+    bench_parser.add_argument(
+        "--shape", default=None, help="random-weight model with real shapes: qwen3-vl-30b-a3b"
+    )
+    bench_parser.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape model")
+    bench_parser.add_argument("--plan", default=None, help="plan JSON (default: k-reduction at --skip-ratio)")
+    bench_parser.add_argument("--skip-ratio", type=float, default=0.88)
+    bench_parser.add_argument("--batch", type=int, default=1)
+    bench_parser.add_argument("--prompt-tokens", type=int, default=512)
+    bench_parser.add_argument("--new-tokens", type=int, default=16)
+    bench_parser.add_argument("--repeats", type=int, default=5)
+    bench_parser.add_argument("--out", default=None)
+    bench_parser.set_defaults(run=cmd_bench)
 
     from modes.evaluation.compare import METHODS
 

@@ -22,8 +22,11 @@ class EmptyAnswerError(ValueError):
 
 
 def _messages(sample: Sample) -> list[dict[str, Any]]:
-    content: list[dict[str, str]] = [{"type": "image"}] if sample.image is not None else []
-    content.append({"type": "text", "text": sample.question})
+    """Question, then image: the image ends at a fixed distance from the answer, which lets the
+    small bundled model find grid cells by relative position (real checkpoints accept either order)."""
+    content: list[dict[str, str]] = [{"type": "text", "text": sample.question}]
+    if sample.image is not None:
+        content.append({"type": "image"})
     return [{"role": "user", "content": content}]
 
 

@@ -64,7 +64,7 @@ class _Skipping(nn.Module):
         """Skip mask [T, k] for the combination ``weights`` [T, k], and the weights to use."""
         codes = self.context.codes_for(self.subset, weights.shape[0])  # [T]
         skip = self.rule.skip_mask(weights / self.routed_scale, codes)  # [T, k]
-        skip &= (codes < OTHER).unsqueeze(1)  # special tokens and padding are never skipped
+        skip = skip & (codes < OTHER).unsqueeze(1)  # special tokens and padding are never skipped
         self.counter.add(skip, codes)
         if self.renormalize:
             kept = weights.masked_fill(skip, 0)

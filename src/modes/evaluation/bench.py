@@ -1,0 +1,139 @@
+"""End-to-end latency with and without a plan: prefill time, decode tokens/s, MoE share, Amdahl bound.
+
+Times are medians over repeats after warm-up, measured side by side in one process. The
+share of time inside the experts modules is measured on the unskipped model with hooks
+(synchronous on CPU), and bounds the end-to-end speedup a skip ratio r can give:
+1 / ((1 - share) + share * (1 - r)).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from modes.engine import patch as engine
+from modes.plan import SkipPlan
+
+__all__ = ["SHAPES", "bench", "shaped_model"]
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-vl-30b-a3b": dict(
+        model_type="qwen3_vl_moe",
+        text_config=dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            vocab_size=151936,
+        ),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=2048),
+    ),
+}
+
+
+def shaped_model(shape: str, layers: int, dtype: torch.dtype = torch.float32) -> Any:
+    """Random-weight model with the real layer shapes of ``shape``, truncated to ``layers``."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
+    spec = SHAPES[shape]
+    text = {**spec["text_config"], "num_hidden_layers": layers}
+    config = AutoConfig.for_model(spec["model_type"], text_config=text, vision_config=spec["vision_config"])
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _median(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _moe_share(model: Any, run: Callable[[], Any]) -> float:
+    spent = [0.0]
+    started: dict[int, float] = {}
+    handles = []
+    for site in engine.moe_sites(model):
+        module = site.module
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a: started.__setitem__(id(m), time.perf_counter()))
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o: spent.__setitem__(0, spent[0] + time.perf_counter() - started[id(m)])
+            )
+        )
+    try:
+        start = time.perf_counter()
+        run()
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0] / total
+
+
+@torch.no_grad()
+def bench(
+    model: Any,
+    plan: SkipPlan,
+    input_ids: torch.Tensor,
+    new_tokens: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    special_token_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """Prefill seconds and decode tokens/s for ``input_ids`` [B, L], without and with ``plan``."""
+    batch = input_ids.shape[0]
+
+    def prefill() -> Any:
+        return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+
+    def generate() -> Any:
+        return model.generate(
+            input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+
+    rows = {}
+    share = _moe_share(model, prefill)
+    for label in ("unskipped", "plan"):
+        if label == "plan":
+            engine.apply(model, plan, special_token_ids)
+        prefill_s = _median(prefill, repeats, warmup)
+        generate_s = _median(generate, max(1, repeats // 2), warmup)
+        decode_s = max(generate_s - prefill_s, 1e-9)
+        rows[label] = {"prefill_s": prefill_s, "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s}
+        if label == "plan":
+            engine.reset_stats(model)
+            prefill()
+            rows[label]["skip_ratio"] = engine.skip_stats(model)["ratio"]
+            engine.remove(model)
+    ratio = rows["plan"]["skip_ratio"]
+    amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
+    prefill_speedup = rows["unskipped"]["prefill_s"] / rows["plan"]["prefill_s"]
+    return {
+        **rows,
+        "moe_share_of_prefill": share,
+        "prefill_speedup": prefill_speedup,
+        "decode_speedup": rows["plan"]["decode_tokens_per_s"] / rows["unskipped"]["decode_tokens_per_s"],
+        "amdahl_bound": amdahl,
+        "prefill_fraction_of_bound": prefill_speedup / amdahl,
+        "batch": batch,
+        "prompt_tokens": input_ids.shape[1],
+        "new_tokens": new_tokens,
+    }

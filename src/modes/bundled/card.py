@@ -107,7 +107,9 @@ with clutter; {len(SKILLS)} skills: {", ".join(SKILLS)}. Splits by disjoint seed
 `python -m modes.bundled.train --out src/modes/bundled/checkpoint --steps {training.get("steps")}`:
 batch {training.get("batch_size")}, AdamW, peak lr {training.get("lr")}, seed {training.get("seed")};
 loss on answer and end-of-turn tokens plus the router load-balancing loss (coefficient
-{text.get("router_aux_loss_coef")}); {training.get("seconds", 0) / 60:.0f} minutes on 2 CPU cores.
+{text.get("router_aux_loss_coef")}); vision tower frozen at its random initialisation:
+{training.get("freeze_vision")} (trained jointly, it drifted to an image-independent output);
+{training.get("seconds", 0) / 60:.0f} minutes on 2 CPU cores.
 
 ## Accuracy (greedy, exact match, test split of {results["test"]["samples"]} samples)
 Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:

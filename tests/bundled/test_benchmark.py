@@ -11,7 +11,7 @@ from modes.bundled.build import build_tokenizer
 def test_samples_are_deterministic():
     first, second = make_sample(12345), make_sample(12345)
     assert (first.question, first.answer, first.skill) == (second.question, second.answer, second.skill)
-    assert list(first.image.getdata()) == list(second.image.getdata())
+    assert first.image.tobytes() == second.image.tobytes()
 
 
 def test_test_split_is_balanced_and_large_enough():

@@ -23,7 +23,7 @@ def test_export_and_load_round_trip(tmp_path, suffix):
     for original, again in zip(samples, loaded, strict=True):
         assert (original.image is None) == (again.image is None)
         if original.image is not None:
-            assert list(original.image.getdata()) == list(again.image.getdata())
+            assert original.image.tobytes() == again.image.tobytes()
 
 
 def test_dataset_directory_and_column_mapping(tmp_path):

@@ -170,6 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Calibrate, search each target, evaluate with and without each plan: the whole pipeline."""
+    from modes.evaluation.compare import skippable_share
+
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -182,11 +184,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from modes.evaluation.plots import plot_importance
 
     _plot(plot_importance, importance, str(out / "importance.json"), ".png")
-    print(f"2/3 search targets {args.targets}")
+    share = skippable_share(model, processor, calibration, args.batch_size) if args.of_skippable else 1.0
+    print(
+        f"2/3 search targets {args.targets}"
+        + (f" of the skippable slots ({share:.3f} of all)" if share < 1 else "")
+    )
     plans = {}
     for target in args.targets:
         plan_path = str(out / f"plan_{round(target * 100)}.json")
-        result = run_search(args, model, processor, calibration, importance, target, plan_path)
+        result = run_search(args, model, processor, calibration, importance, target * share, plan_path)
         plans[target] = (result.plan, result.best.g)
     print(f"3/3 evaluate on {len(test)} test samples")
     baseline = evaluate(model, processor, test, batch_size=args.batch_size)
@@ -345,6 +351,15 @@ def _add_search_options(parser: argparse.ArgumentParser, grid_size: int, x_max: 
     )
 
 
+def _add_of_skippable(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--of-all-slots",
+        dest="of_skippable",
+        action="store_false",
+        help="targets are ratios of all slots (default: of the skippable, non-special ones, like k' of k)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -387,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--batch-size", type=int, default=32)
     demo_parser.add_argument("--out-dir", default="runs/demo")
     _add_search_options(demo_parser, grid_size=24, x_max="auto")
+    _add_of_skippable(demo_parser)
     demo_parser.set_defaults(run=cmd_demo)
 
     bench_parser = commands.add_parser(
@@ -421,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument(
         "--out", default="runs/compare/compare.json", help="JSON (Markdown and PNG beside it)"
     )
+    _add_of_skippable(compare_parser)
     compare_parser.set_defaults(run=cmd_compare)
     return parser
 

@@ -123,10 +123,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/moe_block.json")
+    parser.add_argument("--tokens", default="512,2048,1,8", help="prefill sizes and decode batch sizes")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args()
-    cases = [(s, d, t) for s in SHAPES for d in (torch.bfloat16, torch.float32) for t in (512, 2048, 1, 8)]
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    cases = [(s, d, t) for s in args.shapes.split(",") for d in dtypes for t in token_counts]
     if args.quick:
         cases = [("qwen3-vl-30b-a3b", torch.float32, 512), ("qwen3-vl-30b-a3b", torch.float32, 1)]
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name, dtype, tokens in cases:
         result = bench_case(name, dtype, tokens, 3 if args.quick else args.repeats)
@@ -136,15 +149,7 @@ def main() -> None:
         )
         head = f"{name:18s} {result['dtype']:8s} T={tokens:<5d} default {result['default_ms']:9.2f} ms"
         print(f"{head} | {cells}", flush=True)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+        out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")  # per case
     print(f"wrote {out}")
 
 

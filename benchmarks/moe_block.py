@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
+from modes.evaluation.bench import median_seconds
 
 SHAPES = {
     "qwen3-vl-30b-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=128, top_k=8, width=768),
@@ -72,18 +71,6 @@ def routing(tokens: int, shape: dict, dtype: torch.dtype, generator: torch.Gener
     return hidden, index, weights
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict:
     shape = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
@@ -91,12 +78,12 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     hidden, index, weights = routing(tokens, shape, dtype, generator)
     context = TokenContext(media_ids={}, special_ids=torch.tensor([], dtype=torch.long))
     context.set_all_text(tokens, hidden.device)
-    baseline = median_time(lambda: experts(hidden, index, weights), repeats)
+    baseline = median_seconds(lambda: experts(hidden, index, weights), repeats)
     rows = []
     for ratio in RATIOS:
         tau = float(torch.quantile(weights.float().reshape(-1), ratio)) if ratio > 0 else 0.0
         wrapper = SkippingExperts(experts, layer=0, rule=FixedRule(tau), context=context)
-        seconds = median_time(lambda w=wrapper: w(hidden, index, weights), repeats)
+        seconds = median_seconds(lambda w=wrapper: w(hidden, index, weights), repeats)
         wrapper.counter.reset()
         wrapper(hidden, index, weights)
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())

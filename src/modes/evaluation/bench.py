@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from modes.engine import patch as engine
 from modes.plan import SkipPlan
 
-__all__ = ["SHAPES", "bench", "shaped_model"]
+__all__ = ["SHAPES", "bench", "median_seconds", "shaped_model"]
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-vl-30b-a3b": dict(
@@ -53,7 +53,9 @@ def shaped_model(shape: str, layers: int, dtype: torch.dtype = torch.float32) ->
     return model.eval()
 
 
-def _median(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+@torch.no_grad()
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -114,8 +116,8 @@ def bench(
     for label in ("unskipped", "plan"):
         if label == "plan":
             engine.apply(model, plan, special_token_ids)
-        prefill_s = _median(prefill, repeats, warmup)
-        generate_s = _median(generate, max(1, repeats // 2), warmup)
+        prefill_s = median_seconds(prefill, repeats, warmup)
+        generate_s = median_seconds(generate, max(1, repeats // 2), warmup)
         decode_s = max(generate_s - prefill_s, 1e-9)
         rows[label] = {"prefill_s": prefill_s, "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s}
         if label == "plan":

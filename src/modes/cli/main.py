@@ -252,7 +252,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     model, processor = load_model(args.model)
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
-    importance = calibrate(model, processor, calibration, batch_size=args.batch_size)
+    importance = calibrate(model, processor, calibration, mode=args.alpha_mode, batch_size=args.batch_size)
     report = compare(
         model,
         processor,
@@ -433,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--calibration-samples", type=int, default=256)
     compare_parser.add_argument("--test-samples", type=int, default=None)
     compare_parser.add_argument("--grid-size", type=int, default=24)
+    compare_parser.add_argument("--alpha-mode", choices=["per_modality", "shared"], default="per_modality")
     compare_parser.add_argument("--batch-size", type=int, default=32)
     compare_parser.add_argument(
         "--out", default="runs/compare/compare.json", help="JSON (Markdown and PNG beside it)"

@@ -57,3 +57,35 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     )
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]
+
+
+def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["plan"]["skip_ratio"] == pytest.approx(
+        1 - 1 / 8
+    )  # k-reduction to 1 of 8, no special tokens
+    assert 0 < report["moe_share_of_prefill"] < 1
+    assert report["amdahl_bound"] == pytest.approx(
+        1
+        / (
+            (1 - report["moe_share_of_prefill"])
+            + report["moe_share_of_prefill"] * (1 - report["plan"]["skip_ratio"])
+        )
+    )
+
+
+def test_compare_matches_ratios_and_writes_table_and_plot(tmp_path):
+    out = tmp_path / "compare.json"
+    methods = "modes,local,naee,k_reduction"
+    args = ["compare", "--targets", "0.5", "--methods", methods, "--calibration-samples", "16",
+            "--test-samples", "16", "--grid-size", "5", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert [row["method"] for row in report["rows"]] == ["modes", "local", "naee", "k_reduction"]
+    k_reduction = report["rows"][-1]
+    assert k_reduction["per_modality"]["text"] == pytest.approx(0.5)  # keep 4 of 8, exactly
+    assert out.with_suffix(".md").read_text().startswith("| method |")
+    assert out.with_suffix(".png").exists()

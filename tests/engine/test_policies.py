@@ -61,3 +61,23 @@ def test_baseline_plans_round_trip_and_apply():
         modes.apply(model, modes.SkipPlan({}, {}, method="naee", parameters={"beta": {"0": 0.3}}, model=info))
     with pytest.raises(PlanError, match="unknown method"):
         modes.SkipPlan({}, {}, method="magic")
+
+
+def test_renormalize_rescales_kept_weights_to_the_original_sum():
+    from modes.engine.tokens import TokenContext
+    from modes.engine.wrappers import SkippingExperts
+
+    context = TokenContext(media_ids={}, special_ids=torch.tensor([], dtype=torch.long))
+    context.set_all_text(2, torch.device("cpu"))
+    rule = ThresholdRule(alpha={"text": 1.0}, tau={"text": 0.2})
+    weights = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.4, 0.4, 0.1, 0.1]])
+    plain = SkippingExperts(torch.nn.Identity(), layer=0, rule=rule, context=context)
+    renormalizing = SkippingExperts(
+        torch.nn.Identity(), layer=0, rule=rule, context=context, renormalize=True
+    )
+    skip, kept = plain.decide(weights)
+    assert skip.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert torch.equal(kept, weights)  # off by default: the released code only zeroes skipped slots
+    _, rescaled = renormalizing.decide(weights)
+    torch.testing.assert_close(rescaled.sum(1), weights.sum(1))
+    torch.testing.assert_close(rescaled[0, :2], torch.tensor([0.625, 0.375]))

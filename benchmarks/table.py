@@ -1,0 +1,34 @@
+"""Render `benchmarks/results/moe_block.json` as the Markdown table in BENCHMARKS.md.
+
+    python benchmarks/table.py [benchmarks/results/moe_block.json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = (0.0, 0.5, 0.75, 0.88)
+
+
+def cell(row: dict) -> str:
+    if row["target_ratio"] == 0.0:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f}"
+
+
+def main() -> None:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/moe_block.json")
+    data = json.loads(path.read_text())
+    print("| shape | dtype | tokens | default ms | " + " | ".join(f"r = {c}" for c in COLUMNS) + " |")
+    print("|---|---|---|---|" + "---|" * len(COLUMNS))
+    for result in data["results"]:
+        rows = {row["target_ratio"]: row for row in result["rows"]}
+        cells = " | ".join(cell(rows[c]) for c in COLUMNS)
+        head = f"| {result['shape']} | {result['dtype']} | {result['tokens']} | {result['default_ms']:.1f}"
+        print(f"{head} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Render `benchmarks/results/moe_block.json` as the Markdown table in BENCHMARKS.md.
 
-    python benchmarks/table.py [benchmarks/results/moe_block.json]
+python benchmarks/table.py [benchmarks/results/moe_block.json]
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
         for layer, b in results["routing_balance"].items()
     )
     training = results["training"]
+    command = f"--steps {training.get('steps')} --lr {training.get('lr')} --seed {training.get('seed')}"
     return f"""# modes bundled model: a small trained Qwen3-VL-MoE
 
 `Qwen3VLMoeForConditionalGeneration`, trained from scratch on the synthetic benchmark in
@@ -104,7 +105,7 @@ with clutter; {len(SKILLS)} skills: {", ".join(SKILLS)}. Splits by disjoint seed
 {", ".join(f"{name} {count}" for name, (_, count) in SPLITS.items())} samples (train drawn on the fly).
 
 ## Training
-`python -m modes.bundled.train --out src/modes/bundled/checkpoint --steps {training.get("steps")}`:
+`python -m modes.bundled.train --out src/modes/bundled/checkpoint {command}`:
 batch {training.get("batch_size")}, AdamW, peak lr {training.get("lr")}, seed {training.get("seed")};
 loss on answer and end-of-turn tokens plus the router load-balancing loss (coefficient
 {text.get("router_aux_loss_coef")}); vision tower frozen at its random initialisation:

@@ -1,6 +1,6 @@
 """Train the bundled Qwen3-VL-MoE on the synthetic benchmark (CPU, reproducible from a seed).
 
-    python -m modes.bundled.train --out src/modes/bundled/checkpoint --steps 2400
+    python -m modes.bundled.train --out src/modes/bundled/checkpoint
 
 Loss on answer and end-of-turn tokens only, plus the model's router load-balancing loss so
 that all experts are used. Samples are drawn on the fly from the train seed range.
@@ -35,9 +35,9 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(
     out: str | Path,
-    steps: int = 2400,
+    steps: int = 4000,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     log_every: int = 50,
     save_every: int = 0,
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="directory for the checkpoint and processor")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500, help="intermediate checkpoint period")
     args = parser.parse_args(argv)

@@ -236,6 +236,8 @@ def prompts(tiny: TinyModel, batch: int = 3, length: int = 12, seed: int = 1) ->
     ids = torch.randint(TEXT_IDS.start, TEXT_IDS.stop, (batch, length), generator=generator)
     position = 2
     for media_id in tiny.media.values():
+        if position > length:  # short prompts carry fewer media runs
+            break
         ids[:, position - 1] = START_ID
         ids[:, position : position + 3] = media_id
         position += 5

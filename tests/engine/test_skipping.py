@@ -307,3 +307,21 @@ def test_full_skip_is_finite_and_decode_steps_count_as_text(tiny):
     prompt_text = sum(code == "text" for code in expected_codes(tiny, ids))
     prompt_text_slots = prompt_text * info.top_k * len(info.moe_layers)
     assert stats["per_modality"]["text"]["total_slots"] == prompt_text_slots + decode_text_slots
+
+
+@pytest.mark.parametrize("tiny", FAMILIES)
+def test_few_kept_rows_take_the_eager_loop_and_still_match_the_reference(tiny):
+    """Decode-sized calls: fewer kept rows than experts run the family's eager loop on CPU."""
+    model = build(tiny)
+    ids = prompts(tiny, batch=1, length=3)
+    plan = make_plan(model, tiny, tau=MODERATE, seed=11)
+    reference = DenseReference(model, tiny, plan, ids)
+    with torch.no_grad():
+        expected = model(**call_kwargs(tiny, ids)).logits
+    reference.remove()
+    modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
+    with torch.no_grad():
+        patched = model(**call_kwargs(tiny, ids)).logits
+    torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-5)
+    stats = modes.skip_stats(model)
+    assert (stats["skipped_slots"], stats["total_slots"]) == (reference.skipped, reference.total)

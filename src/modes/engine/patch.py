@@ -195,7 +195,7 @@ def _context_hook(context: TokenContext) -> Callable:
                 raise ValueError("modes: the patched model was called without input_ids or inputs_embeds")
             context.set_all_text(embeds.shape[0] * embeds.shape[1], embeds.device)
             return
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renames it `cache`
         decoding = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
         context.set_from_ids(
             input_ids,

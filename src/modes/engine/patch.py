@@ -154,11 +154,7 @@ def apply(
         plan.check_fits(model_info(model))
         rule_factory = rule_factory or (lambda layer: rule_for(plan, layer))
     context = TokenContext.for_model(model.config, spec, special_token_ids)
-    scale = (
-        float(getattr(_text_config(model), spec.scaling_factor_field, 1.0) or 1.0)
-        if spec.scaling_factor_field
-        else 1.0
-    )
+    scale = _routed_scale(model, spec)
     renormalize = bool(plan.renormalize) if plan is not None else False
     wrappers = []
     for site in sites:
@@ -184,6 +180,13 @@ def apply(
     ]
     setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan))
     return model
+
+
+def _routed_scale(model: nn.Module, spec: ModelSpec) -> float:
+    """The constant factor the router multiplies into the weights (pi = weight / factor)."""
+    if not spec.scaling_factor_field:
+        return 1.0
+    return float(getattr(_text_config(model), spec.scaling_factor_field, None) or 1.0)
 
 
 def _context_hook(context: TokenContext) -> Callable:

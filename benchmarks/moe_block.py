@@ -21,6 +21,7 @@ from transformers import AutoConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+from modes.engine.rule import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
 from modes.evaluation.bench import median_seconds
@@ -39,8 +40,8 @@ class FixedRule:
     def __init__(self, tau: float):
         self.tau = tau
 
-    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return pi < self.tau
+    def skip_mask(self, routing: Routing) -> torch.Tensor:
+        return routing.pi < self.tau
 
 
 def build_experts(shape: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     experts = build_experts(shape, dtype)
     hidden, index, weights = routing(tokens, shape, dtype, generator)
     context = TokenContext(media_ids={}, special_ids=torch.tensor([], dtype=torch.long))
-    context.set_all_text(tokens, hidden.device)
+    context.set_all_text(1, tokens, hidden.device)
     baseline = median_seconds(lambda: experts(hidden, index, weights), repeats)
     rows = []
     for ratio in RATIOS:

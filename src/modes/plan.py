@@ -112,9 +112,14 @@ class SkipPlan:
                     )
         have, want = set(self.importance), set(info.moe_layers)
         if self.method != "modes":
-            from modes.engine.policies import parameter_layers
+            from modes.engine.policies import parameter_experts, parameter_layers
 
             have = parameter_layers(self.method, self.parameters) or want
+            if parameter_experts(self.method, self.parameters) - {info.num_experts}:
+                raise PlanError(
+                    f"{self.method} tables have {sorted(parameter_experts(self.method, self.parameters))} "
+                    f"experts but the model has {info.num_experts}; calibrate on this model"
+                )
         if have != want:
             missing, extra = sorted(want - have), sorted(have - want)
             raise PlanError(

@@ -22,6 +22,7 @@ __all__ = [
     "SKILLS",
     "SPLITS",
     "Sample",
+    "cell_labels",
     "generate_split",
     "make_sample",
     "vocabulary",
@@ -167,6 +168,20 @@ TEXT_SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sequence": _sequence,
 }
 SKILLS: tuple[str, ...] = (*IMAGE_SKILLS, *TEXT_SKILLS)
+
+
+def cell_labels(seed: int) -> tuple[Image.Image, list[int], list[int]]:
+    """A training image with, per grid cell (row-major), its colour and shape index (len = empty).
+
+    Used to pretrain the bundled model's vision tower, as real VLMs start from a pretrained
+    image encoder; drawn from the same scene distribution as the benchmark images.
+    """
+    rng = random.Random(seed)
+    scene = _random_scene(rng)
+    colors, empty = list(COLORS), GRID * GRID
+    color = [colors.index(scene.cells[c][0]) if c in scene.cells else len(colors) for c in range(empty)]
+    shape = [SHAPES.index(scene.cells[c][1]) if c in scene.cells else len(SHAPES) for c in range(empty)]
+    return _draw(scene, rng), color, shape
 
 
 def make_sample(seed: int, skill: str | None = None) -> Sample:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from modes.adapters.registry import MODALITIES, spec_for
 from modes.bundled.benchmark import Sample
 from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
-from modes.calibration.replay import PrefixReplay, decoder_layers, media_encoders
+from modes.calibration.replay import PrefixReplay, media_encoders
 from modes.engine import patch as engine
+from modes.engine.rule import Routing
 from modes.engine.tokens import modality_code
 from modes.io import write_json_atomic
 from modes.plan import ModelInfo, PlanError
@@ -89,11 +90,11 @@ class _Knockout:
         self.layer = layer
         self.target = target
 
-    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def skip_mask(self, routing: Routing) -> torch.Tensor:
         if self.target.get("layer") != self.layer:
-            return torch.zeros_like(pi, dtype=torch.bool)
-        hit = torch.isin(codes, self.target["codes"].to(codes.device))  # [T]
-        return hit.unsqueeze(1).expand_as(pi)
+            return torch.zeros_like(routing.pi, dtype=torch.bool)
+        hit = torch.isin(routing.codes, self.target["codes"].to(routing.codes.device))  # [T]
+        return hit.unsqueeze(1).expand_as(routing.pi)
 
 
 def calibrate(
@@ -123,7 +124,7 @@ def calibrate(
     )
     try:
         sites = engine.moe_sites(model)
-        replay = PrefixReplay(decoder_layers(model, [s.name for s in sites]), media_encoders(model))
+        replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
         batches = prepare_batches(processor, samples, batch_size, device)
         modalities = _modalities_present(model, batches, spec_for(model.config.model_type).modalities)
         groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}

@@ -14,18 +14,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["PrefixReplay", "decoder_layers", "media_encoders"]
+__all__ = ["PrefixReplay", "media_encoders"]
 
 MEDIA_ENCODER_NAMES = ("visual", "vision_tower", "vision_model", "audio_tower", "audio_model")
-
-
-def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleList:
-    """The ModuleList of the language model's decoder layers (the one holding the MoE sites)."""
-    prefix = moe_layer_names[0].split(".layers.")[0]
-    layers = model.get_submodule(f"{prefix}.layers" if prefix else "layers")
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"expected a ModuleList of decoder layers at {prefix}.layers")
-    return layers
 
 
 def media_encoders(model: nn.Module) -> list[nn.Module]:

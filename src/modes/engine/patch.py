@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from modes.adapters.registry import ModelSpec, UnsupportedModelError, spec_for
+from modes.engine.attention import AttentionProbe
 from modes.engine.policies import rule_for
 from modes.engine.rule import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
@@ -19,6 +20,7 @@ from modes.plan import ModelInfo, SkipPlan
 
 __all__ = [
     "apply",
+    "decoder_layers",
     "find_moe_sites",
     "is_patched",
     "model_info",
@@ -57,6 +59,7 @@ class _Patch:
     hooks: list[Any]
     context: TokenContext
     plan: SkipPlan | None
+    probe: AttentionProbe | None = None
 
 
 def _is_experts_module(module: nn.Module) -> bool:
@@ -178,8 +181,22 @@ def apply(
         model.register_forward_pre_hook(_context_hook(context), with_kwargs=True),
         model.register_forward_hook(lambda *_: context.clear(), always_call=True),
     ]
-    setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan))
+    probe = None
+    if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in wrappers):
+        probe = AttentionProbe.attach(
+            {site.layer: decoder_layers(model, [site.name])[site.layer] for site in sites}, context
+        )
+    setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan, probe))
     return model
+
+
+def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleList:
+    """The ModuleList of the language model's decoder layers (the one holding the MoE sites)."""
+    prefix = moe_layer_names[0].split(".layers.")[0]
+    layers = model.get_submodule(f"{prefix}.layers" if prefix else "layers")
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"expected a ModuleList of decoder layers at {prefix}.layers")
+    return layers
 
 
 def _routed_scale(model: nn.Module, spec: ModelSpec) -> float:
@@ -196,7 +213,7 @@ def _context_hook(context: TokenContext) -> Callable:
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
                 raise ValueError("modes: the patched model was called without input_ids or inputs_embeds")
-            context.set_all_text(embeds.shape[0] * embeds.shape[1], embeds.device)
+            context.set_all_text(embeds.shape[0], embeds.shape[1], embeds.device)
             return
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renames it `cache`
         decoding = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
@@ -224,6 +241,8 @@ def remove(model: nn.Module) -> nn.Module:
         setattr(site.parent, site.attr, wrapper.base_layer)
     for hook in patch.hooks:
         hook.remove()
+    if patch.probe is not None:
+        patch.probe.detach()
     delattr(model, _ATTR)
     return model
 

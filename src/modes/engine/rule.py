@@ -1,11 +1,13 @@
 """Skipping rules: which of a token's k routed slots to drop at one MoE layer.
 
-A rule sees the combination weights pi (before any constant routed-scaling factor) and the
-modality code of each token, and returns a boolean mask. Codes OTHER and PAD are never skipped.
+A rule sees one layer's `Routing` (combination weights pi before any constant routed-scaling
+factor, expert ids, modality codes, and what token-aware baselines need) and returns a boolean
+mask. The wrapper never lets any rule skip special tokens or padding (codes OTHER and PAD).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,12 +16,32 @@ from modes.adapters.registry import MODALITIES
 from modes.engine.tokens import NUM_CODES
 from modes.plan import SkipPlan
 
-__all__ = ["SkipRule", "ThresholdRule"]
+__all__ = ["Routing", "SkipRule", "ThresholdRule"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one experts call routed, as a rule sees it (T tokens, k slots, H hidden)."""
+
+    pi: torch.Tensor  # [T, k] float, combination weights without the routed-scaling factor
+    index: torch.Tensor  # [T, k] long, expert id of each slot
+    codes: torch.Tensor  # [T] long, modality code of each token
+    hidden: torch.Tensor | None = None  # [T, H], the experts' input
+    attention_received: torch.Tensor | None = None  # [T], prefill only, when a rule asked for it
+    sequence: torch.Tensor | None = None  # [T] long, the batch row of each token
+
+    @classmethod
+    def of(cls, pi: torch.Tensor, codes: torch.Tensor | None = None) -> Routing:
+        """Router outputs alone (tests, benchmarks): slots routed to experts 0..k-1, text tokens."""
+        index = torch.arange(pi.shape[1], device=pi.device).expand(pi.shape[0], -1)  # [T, k]
+        if codes is None:
+            codes = torch.zeros(pi.shape[0], dtype=torch.long, device=pi.device)
+        return cls(pi, index, codes)
 
 
 class SkipRule(Protocol):
-    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """``pi`` [T, k] float, ``codes`` [T] long -> [T, k] bool, True = skip the slot."""
+    def skip_mask(self, routing: Routing) -> torch.Tensor:
+        """[T, k] bool, True = skip the slot."""
         ...
 
 
@@ -41,7 +63,8 @@ class ThresholdRule:
     def from_plan(cls, plan: SkipPlan, layer: int) -> ThresholdRule:
         return cls(plan.importance[layer], plan.thresholds)
 
-    def skip_mask(self, pi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def skip_mask(self, routing: Routing) -> torch.Tensor:
+        pi, codes = routing.pi, routing.codes
         if self.alpha_by_code.device != pi.device:
             self.alpha_by_code = self.alpha_by_code.to(pi.device)
             self.tau_by_code = self.tau_by_code.to(pi.device)

@@ -59,7 +59,9 @@ class TokenContext:
     media_ids: dict[str, torch.Tensor]
     special_ids: torch.Tensor
     codes: torch.Tensor | None = None  # [N] int64 codes, N = B * L of the current call
+    sequence: torch.Tensor | None = None  # [N] int64 batch row of each token
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N] bool
+    attention_received: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [N]
 
     @classmethod
     def for_model(cls, config: Any, spec: ModelSpec, special_token_ids: Iterable[int] | None) -> TokenContext:
@@ -88,17 +90,24 @@ class TokenContext:
         if attention_mask is not None and attention_mask.dim() == 2:
             current = attention_mask[:, -input_ids.shape[1] :]  # [B, L]
             codes[current == 0] = PAD
-        self.codes = codes.reshape(-1)
+        self._set(codes)
         self.subsets = _subsets_from_type_ids(subset_type_ids, self.codes.numel())
 
-    def set_all_text(self, num_tokens: int, device: torch.device) -> None:
+    def set_all_text(self, batch: int, length: int, device: torch.device) -> None:
         """For calls without ``input_ids`` (embeddings given directly): every token is text."""
-        self.codes = torch.full((num_tokens,), modality_code("text"), dtype=torch.long, device=device)
+        self._set(torch.full((batch, length), modality_code("text"), dtype=torch.long, device=device))
+
+    def _set(self, codes: torch.Tensor) -> None:
+        batch, length = codes.shape
+        self.codes = codes.reshape(-1)  # [B * L]
+        self.sequence = torch.arange(batch, device=codes.device).repeat_interleave(length)  # [B * L]
         self.subsets = {}
+        self.attention_received = {}
 
     def clear(self) -> None:
-        self.codes = None
+        self.codes = self.sequence = None
         self.subsets = {}
+        self.attention_received = {}
 
     def codes_for(self, subset: str | None, num_tokens: int) -> torch.Tensor:
         """Codes of the tokens an experts module sees ([num_tokens]), with a clear error if unknown."""
@@ -107,15 +116,20 @@ class TokenContext:
                 "modes: an experts module ran outside a forward of the patched model, so the "
                 "modality of its tokens is unknown; call the model that `modes.apply` patched"
             )
-        codes = self.codes
-        if subset is not None and subset in self.subsets:
-            codes = codes[self.subsets[subset]]
+        codes = self.select(subset, self.codes)
         if codes.numel() != num_tokens:
             raise RuntimeError(
                 f"modes: experts module received {num_tokens} tokens but the call has "
                 f"{codes.numel()}; this model routes tokens in a way its adapter does not describe"
             )
         return codes
+
+
+    def select(self, subset: str | None, values: torch.Tensor | None) -> torch.Tensor | None:
+        """The entries of per-token ``values`` [N] that an experts module of ``subset`` sees."""
+        if values is None or subset is None or subset not in self.subsets:
+            return values
+        return values[self.subsets[subset]]
 
 
 def _subsets_from_type_ids(type_ids: torch.Tensor | None, num_tokens: int) -> dict[str, torch.Tensor]:

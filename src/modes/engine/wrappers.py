@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modes.engine.execute import run_experts
-from modes.engine.rule import SkipRule
+from modes.engine.rule import Routing, SkipRule
 from modes.engine.tokens import NUM_CODES, OTHER, PAD, TokenContext
 
 __all__ = ["SkippingDenseRouter", "SkippingExperts", "SlotCounter"]
@@ -60,10 +60,23 @@ class _Skipping(nn.Module):
         self.renormalize = renormalize
         self.counter = SlotCounter()
 
-    def decide(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Skip mask [T, k] for the combination ``weights`` [T, k], and the weights to use."""
+    def decide(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skip mask [T, k] for tokens ``hidden`` [T, H] routed to ``index`` with ``weights``
+        [T, k], and the weights to use."""
         codes = self.context.codes_for(self.subset, weights.shape[0])  # [T]
-        skip = self.rule.skip_mask(weights / self.routed_scale, codes)  # [T, k]
+        routing = Routing(
+            pi=weights / self.routed_scale,
+            index=index,
+            codes=codes,
+            hidden=hidden,
+            attention_received=self.context.select(
+                self.subset, self.context.attention_received.get(self.layer)
+            ),
+            sequence=self.context.select(self.subset, self.context.sequence),
+        )
+        skip = self.rule.skip_mask(routing)  # [T, k]
         skip = skip & (codes < OTHER).unsqueeze(1)  # special tokens and padding are never skipped
         self.counter.add(skip, codes)
         if self.renormalize:
@@ -84,7 +97,7 @@ class SkippingExperts(_Skipping):
         self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
     ) -> torch.Tensor:
         index, weights = _routing_arguments(routing, named)
-        skip, weights = self.decide(weights)
+        skip, weights = self.decide(hidden_states, index, weights)
         return run_experts(self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel)
 
 
@@ -98,7 +111,7 @@ class SkippingDenseRouter(_Skipping):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, logits = self.base_layer(hidden_states)  # [T, E], [T, E]
         weights, index = torch.topk(scores, self.base_layer.top_k, dim=1)  # [T, k]
-        skip, weights = self.decide(weights)
+        skip, weights = self.decide(hidden_states, index, weights)
         scores = torch.zeros_like(scores).scatter_(1, index, weights.masked_fill(skip, 0))
         return scores, logits
 

@@ -9,6 +9,8 @@ on the test samples by the same evaluator, through the same engine (one code pat
 - ``local``: uniform alphas, one threshold (local thresholding)
 - ``k_reduction``: keep the top k' = round(k (1 - target)) experts
 - ``naee``: NAEE generalised to top-k, beta(l) = median pi_2/pi_1, scaled by bisection
+- ``mc_moe``: NAEE's rule and beta with MC-MoE's top-2% token protection in prefill
+- ``diep``: gamma1 = NAEE's median times DiEP's per-layer expert-similarity table, scaled
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from modes.bundled.benchmark import Sample
 from modes.calibration.importance import Importance
 from modes.calibration.kl import prepare_batches
+from modes.calibration.similarity import expert_similarity
 from modes.engine import patch as engine
 from modes.evaluation.evaluate import evaluate
 from modes.plan import SkipPlan
@@ -32,7 +35,7 @@ from modes.search.grid import GridSpec
 
 __all__ = ["METHODS", "calibrate_method", "compare", "skippable_share"]
 
-METHODS = ("modes", "dmt", "gmlg", "local", "naee", "k_reduction")
+METHODS = ("modes", "dmt", "gmlg", "local", "naee", "mc_moe", "diep", "k_reduction")
 
 
 @dataclass
@@ -80,17 +83,34 @@ def _k_reduction(setting: Setting, target: float) -> SkipPlan:
     return SkipPlan({}, {}, method="k_reduction", parameters={"keep": keep}, model=info, target_ratio=target)
 
 
-@torch.no_grad()
 def _naee(setting: Setting, target: float) -> SkipPlan:
+    return _scaled_plan(setting, target, "naee", {"beta": _median_top2_ratio(setting)})
+
+
+def _mc_moe(setting: Setting, target: float) -> SkipPlan:
+    parameters = {"beta": _median_top2_ratio(setting), "protect": 0.02}
+    return _scaled_plan(setting, target, "mc_moe", parameters)
+
+
+def _diep(setting: Setting, target: float) -> SkipPlan:
+    cka = expert_similarity(setting.model, setting.processor, setting.calibration, batch_size=setting.batch_size)
+    return _scaled_plan(setting, target, "diep", {"gamma1": _median_top2_ratio(setting), "cka": cka})
+
+
+@torch.no_grad()
+def _scaled_plan(setting: Setting, target: float, method: str, parameters: dict[str, Any]) -> SkipPlan:
+    """The plan of ``method`` whose ``scale`` parameter reaches ``target`` on the calibration data
+    (bisection: every scaled rule skips monotonically more as its scale grows)."""
     info = setting.importance.model
-    beta = _median_top2_ratio(setting)
     batches = prepare_batches(
         setting.processor, setting.calibration, setting.batch_size, _device(setting.model)
     )
 
+    def plan_at(scale: float) -> SkipPlan:
+        return SkipPlan({}, {}, method=method, parameters={**parameters, "scale": scale}, model=info)
+
     def ratio_at(scale: float) -> float:
-        plan = SkipPlan({}, {}, method="naee", parameters={"beta": beta, "scale": scale}, model=info)
-        engine.apply(setting.model, plan, setting.processor.tokenizer.all_special_ids)
+        engine.apply(setting.model, plan_at(scale), setting.processor.tokenizer.all_special_ids)
         try:
             for batch in batches:
                 setting.model(**batch.inputs, use_cache=False)
@@ -101,14 +121,15 @@ def _naee(setting: Setting, target: float) -> SkipPlan:
     low, high = 0.0, 1.0
     while ratio_at(high) < target and high < 1e4:
         low, high = high, high * 2
-    for _ in range(14):  # bisection on the monotone ratio(scale)
+    for _ in range(14):
         middle = (low + high) / 2
         low, high = (middle, high) if ratio_at(middle) < target else (low, middle)
-    parameters = {"beta": beta, "scale": high}
-    return SkipPlan({}, {}, method="naee", parameters=parameters, model=info, target_ratio=target,
-                    achieved_ratio=ratio_at(high))  # fmt: skip
+    plan = plan_at(high)
+    plan.target_ratio, plan.achieved_ratio = target, ratio_at(high)
+    return plan
 
 
+@torch.no_grad()
 def _median_top2_ratio(setting: Setting) -> dict[str, float]:
     """NAEE's beta(l): per-layer median of pi_top2 / pi_top1 over calibration tokens."""
     ratios: dict[int, list[torch.Tensor]] = {}
@@ -163,6 +184,8 @@ CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
     "local": lambda s, t: _searched_plan(s, uniform_importance(s.importance), t, tied=True, method="local"),
     "k_reduction": _k_reduction,
     "naee": _naee,
+    "mc_moe": _mc_moe,
+    "diep": _diep,
 }
 
 

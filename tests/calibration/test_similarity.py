@@ -48,7 +48,7 @@ def test_table_is_relative_to_the_layer_mean_and_finds_duplicated_experts(small_
     tables = expert_similarity(model, processor, samples, tokens_per_layer=64, batch_size=8)
     info = modes.model_info(model)
     assert set(tables) == {str(layer) for layer in info.moe_layers}
-    for layer, rows in tables.items():
+    for rows in tables.values():
         table = torch.tensor(rows)
         assert table.shape == (info.num_experts, info.num_experts)
         torch.testing.assert_close(table, table.T)

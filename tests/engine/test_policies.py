@@ -141,7 +141,7 @@ def test_diep_plan_checks_its_table_against_the_model():
     modes.remove(model)
     small = torch.ones(2, 2).tolist()
     with pytest.raises(PlanError, match=f"tables have \\[2\\] experts but the model has {info.num_experts}"):
-        modes.apply(model, modes.SkipPlan({}, {}, method="diep",
-                                          parameters={"gamma1": layers, "cka": dict.fromkeys(layers, small)}, model=info))  # fmt: skip
+        wrong = {"gamma1": layers, "cka": dict.fromkeys(layers, small)}
+        modes.apply(model, modes.SkipPlan({}, {}, method="diep", parameters=wrong, model=info))
     with pytest.raises(PlanError, match="one \\[E x E\\] table for each"):
         modes.SkipPlan({}, {}, method="diep", parameters={"gamma1": layers, "cka": {}})

@@ -124,7 +124,6 @@ class TokenContext:
             )
         return codes
 
-
     def select(self, subset: str | None, values: torch.Tensor | None) -> torch.Tensor | None:
         """The entries of per-token ``values`` [N] that an experts module of ``subset`` sees."""
         if values is None or subset is None or subset not in self.subsets:

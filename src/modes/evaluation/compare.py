@@ -93,7 +93,9 @@ def _mc_moe(setting: Setting, target: float) -> SkipPlan:
 
 
 def _diep(setting: Setting, target: float) -> SkipPlan:
-    cka = expert_similarity(setting.model, setting.processor, setting.calibration, batch_size=setting.batch_size)
+    cka = expert_similarity(
+        setting.model, setting.processor, setting.calibration, batch_size=setting.batch_size
+    )
     return _scaled_plan(setting, target, "diep", {"gamma1": _median_top2_ratio(setting), "cka": cka})
 
 

@@ -43,8 +43,9 @@ def generate_answers(
     tokenizer = getattr(processor, "tokenizer", processor)
     answers: dict[str, str] = {}
     bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress)
+    device = next(model.parameters()).device
     for batch in batches_by_kind(samples, batch_size):
-        inputs = encode_prompts(processor, batch)
+        inputs = {k: v.to(device) for k, v in encode_prompts(processor, batch).items()}
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

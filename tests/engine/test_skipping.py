@@ -315,8 +315,8 @@ def test_few_kept_rows_take_the_eager_loop_and_still_match_the_reference(tiny, m
     eager_chosen = []
     choose = execute._few_rows_forward
 
-    def spy(experts, kept, slots):
-        forward = choose(experts, kept, slots)
+    def spy(experts, kept):
+        forward = choose(experts, kept)
         eager_chosen.append(forward is not type(experts).__call__)
         return forward
 

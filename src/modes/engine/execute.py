@@ -6,7 +6,8 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   (token, slot) pairs are gathered into a ``k = 1`` call of the module's own implementation,
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
   uninitialised output) ever reaches a kernel. The k partial outputs are summed in slot order,
-  as transformers does, so skipping nothing is bit-identical to the unpatched module.
+  as transformers does. A call that skips nothing runs the module unchanged (no overhead,
+  bit-identical).
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -26,9 +27,11 @@ def run_compacted(
 ) -> torch.Tensor:
     num_tokens, top_k = index.shape
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
+    if kept.numel() == num_tokens * top_k:  # nothing skipped: the module itself, no gather
+        return experts(hidden, index, weights)
     out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1])  # [T * k, H]
     if kept.numel():
-        forward = _few_rows_forward(experts, kept.numel(), num_tokens * top_k)
+        forward = _few_rows_forward(experts, kept.numel())
         rows = forward(
             experts,
             hidden[kept // top_k],  # [N, H]
@@ -39,17 +42,16 @@ def run_compacted(
     return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
 
 
-def _few_rows_forward(experts: nn.Module, kept: int, slots: int):
+def _few_rows_forward(experts: nn.Module, kept: int):
     """The module's own kernel, or its eager loop when skipping left fewer rows than experts.
 
     Grouped kernels on CPU visit every expert, even empty ones (a fixed cost of about 10 us
     each), while the eager loop visits only the experts hit; after skipping, few rows usually
-    hit few experts. With nothing skipped the module's own kernel always runs, so outputs stay
-    bit-identical to the unpatched model.
+    hit few experts.
     """
     eager = getattr(type(experts).forward, "__wrapped__", None)  # use_experts_implementation keeps it
     on_cpu = next(experts.parameters()).device.type == "cpu"
-    if eager is not None and on_cpu and kept < slots and kept <= experts.num_experts:
+    if eager is not None and on_cpu and kept <= experts.num_experts:
         return eager
     return type(experts).__call__
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +106,38 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "default_ms": round(baseline * 1e3, 3), "rows": rows}  # fmt: skip
 
 
+def overhead_case(name: str, dtype: torch.dtype, tokens: int, pairs: int) -> dict:
+    """Ratio 0 vs the default, interleaved call by call so that drift hits both alike."""
+    shape = SHAPES[name]
+    experts = build_experts(shape, dtype)
+    hidden, index, weights = routing(tokens, shape, dtype, torch.Generator().manual_seed(0))
+    context = TokenContext(media_ids={}, special_ids=torch.tensor([], dtype=torch.long))
+    context.set_all_text(1, tokens, hidden.device)
+    wrapper = SkippingExperts(experts, layer=0, rule=FixedRule(0.0), context=context)
+    calls = {
+        "default": lambda: experts(hidden, index, weights),
+        "modes": lambda: wrapper(hidden, index, weights),
+    }
+    for call in calls.values():  # warm-up
+        call(), call()
+    times: dict[str, list[float]] = {"default": [], "modes": []}
+    for _ in range(pairs):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    ratios = [m / d for m, d in zip(times["modes"], times["default"], strict=True)]
+    return {
+        "shape": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tokens": tokens,
+        "pairs": pairs,
+        "default_ms": round(statistics.median(times["default"]) * 1e3, 3),
+        "modes_ms": round(statistics.median(times["modes"]) * 1e3, 3),
+        "median_time_ratio": round(statistics.median(ratios), 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +148,13 @@ def main() -> None:
     parser.add_argument("--tokens", default="512,2048,1,8", help="prefill sizes and decode batch sizes")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument(
+        "--overhead",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="only ratio 0 vs default, PAIRS interleaved calls",
+    )
     args = parser.parse_args()
     token_counts = [int(t) for t in args.tokens.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -130,6 +171,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name, dtype, tokens in cases:
+        if args.overhead:
+            result = overhead_case(name, dtype, tokens, args.overhead)
+            results.append(result)
+            timing = f"{result['modes_ms']} / {result['default_ms']} ms"
+            print(f"{name:18s} {result['dtype']:8s} T={tokens:<5d} r = 0 time ratio "
+                  f"{result['median_time_ratio']:.3f} ({timing})", flush=True)  # fmt: skip
+            out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+            continue
         result = bench_case(name, dtype, tokens, 3 if args.quick else args.repeats)
         results.append(result)
         cells = "  ".join(

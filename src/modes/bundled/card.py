@@ -69,7 +69,7 @@ def measure(path: Path) -> dict[str, Any]:
         "test": {"accuracy": full["accuracy"], "per_skill": full["per_skill"], "samples": full["samples"]},
         "slice_200": {"accuracy": slice_200["accuracy"], "per_skill": slice_200["per_skill"]},
         "routing_balance": routing_balance(model, processor, test[:400]),
-        "training": {k: v for k, v in log.items() if k != "log"},
+        "training": {k: v for k, v in log.items() if k not in ("log", "vision_log")},
     }
 
 
@@ -83,7 +83,10 @@ def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
         for layer, b in results["routing_balance"].items()
     )
     training = results["training"]
-    command = f"--steps {training.get('steps')} --lr {training.get('lr')} --seed {training.get('seed')}"
+    command = (
+        f"--steps {training.get('steps')} --lr {training.get('lr')} --seed {training.get('seed')} "
+        f"--vision-steps {training.get('vision_steps')}"
+    )
     return f"""# modes bundled model: a small trained Qwen3-VL-MoE
 
 `Qwen3VLMoeForConditionalGeneration`, trained from scratch on the synthetic benchmark in
@@ -108,9 +111,13 @@ with clutter; {len(SKILLS)} skills: {", ".join(SKILLS)}. Splits by disjoint seed
 `python -m modes.bundled.train --out src/modes/bundled/checkpoint {command}`:
 batch {training.get("batch_size")}, AdamW, peak lr {training.get("lr")}, seed {training.get("seed")};
 loss on answer and end-of-turn tokens plus the router load-balancing loss (coefficient
-{text.get("router_aux_loss_coef")}); vision tower frozen at its random initialisation:
-{training.get("freeze_vision")} (trained jointly, it drifted to an image-independent output);
-{training.get("seconds", 0) / 60:.0f} minutes on 2 CPU cores.
+{text.get("router_aux_loss_coef")}). The vision tower is first pretrained alone for
+{training.get("vision_steps")} steps to tell each grid cell's colour and shape from its merged
+outputs (linear heads, discarded; final cell-colour accuracy
+{(training.get("vision_cell_color_accuracy") or 0) * 100:.0f}%), then frozen: trained jointly from scratch
+through the answer loss it drifted to an image-independent output, and at its random
+initialisation its cells differ too little for the language model to learn to read them.
+{training.get("seconds", 0) / 60:.0f} minutes on 2 CPU cores in all.
 
 ## Accuracy (greedy, exact match, test split of {results["test"]["samples"]} samples)
 Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:
@@ -127,13 +134,16 @@ Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:
 
 Measured by `python -m modes.bundled.card`; numbers in `eval_results.json`.
 
-## Known shortcoming
-The text skills are learned, but the model barely uses the image: image skills sit near their
-majority-answer rates, and zeroing the pixels changes the answer loss by well under 1%. Within
-the CPU training budget the language model did not learn to read the (frozen, linearly
-informative: a linear probe reads each cell's colour at 97%) visual tokens. The target of 90%
-overall is therefore not met; skipping results on this model mostly reflect text reasoning.
+{_shortcomings(results)}
 """
+
+
+def _shortcomings(results: dict[str, Any]) -> str:
+    weak = {skill: acc for skill, acc in results["test"]["per_skill"].items() if acc < 0.8}
+    if results["test"]["accuracy"] >= 0.9 and not weak:
+        return "Every skill is at 80% or more and the overall accuracy at 90% or more."
+    listed = ", ".join(f"{skill} {acc * 100:.1f}%" for skill, acc in weak.items())
+    return f"## Known shortcoming\nBelow the 90% overall / 80% per skill target: {listed or 'overall only'}."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,12 +79,16 @@ def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path):
 
 def test_compare_matches_ratios_and_writes_table_and_plot(tmp_path):
     out = tmp_path / "compare.json"
-    methods = "modes,local,naee,k_reduction"
+    methods = "modes,local,naee,mc_moe,diep,k_reduction"
     args = ["compare", "--targets", "0.5", "--methods", methods, "--calibration-samples", "16",
             "--test-samples", "16", "--grid-size", "5", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(out.read_text())
-    assert [row["method"] for row in report["rows"]] == ["modes", "local", "naee", "k_reduction"]
+    assert [row["method"] for row in report["rows"]] == methods.split(",")
+    for row in report["rows"][2:5]:  # scaled baselines: bisection reaches the calibration target
+        plan = modes.SkipPlan.from_json(row["plan"])
+        assert plan.method == row["method"]
+        assert plan.achieved_ratio == pytest.approx(row["calibration_target"], abs=0.02)
     k_reduction = report["rows"][-1]
     assert k_reduction["per_modality"]["text"] == pytest.approx(0.5)  # keep 4 of 8, exactly
     assert out.with_suffix(".md").read_text().startswith("| method |")

@@ -83,10 +83,9 @@ def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
         for layer, b in results["routing_balance"].items()
     )
     training = results["training"]
-    command = (
-        f"--steps {training.get('steps')} --lr {training.get('lr')} --seed {training.get('seed')} "
-        f"--vision-steps {training.get('vision_steps')}"
-    )
+    phases = [*([training["previous"]] if training.get("previous") else []), training]
+    first = phases[0]
+    seconds = sum(phase.get("seconds", 0) for phase in phases)
     return f"""# modes bundled model: a small trained Qwen3-VL-MoE
 
 `Qwen3VLMoeForConditionalGeneration`, trained from scratch on the synthetic benchmark in
@@ -108,16 +107,15 @@ with clutter; {len(SKILLS)} skills: {", ".join(SKILLS)}. Splits by disjoint seed
 {", ".join(f"{name} {count}" for name, (_, count) in SPLITS.items())} samples (train drawn on the fly).
 
 ## Training
-`python -m modes.bundled.train --out src/modes/bundled/checkpoint {command}`:
-batch {training.get("batch_size")}, AdamW, peak lr {training.get("lr")}, seed {training.get("seed")};
-loss on answer and end-of-turn tokens plus the router load-balancing loss (coefficient
-{text.get("router_aux_loss_coef")}). The vision tower is first pretrained alone for
-{training.get("vision_steps")} steps to tell each grid cell's colour and shape from its merged
-outputs (linear heads, discarded; final cell-colour accuracy
-{(training.get("vision_cell_color_accuracy") or 0) * 100:.0f}%), then frozen: trained jointly from scratch
+{_commands(phases)}
+Batch {first.get("batch_size")}, AdamW, cosine schedule; loss on answer and end-of-turn tokens
+plus the router load-balancing loss (coefficient {text.get("router_aux_loss_coef")}). The vision
+tower is first pretrained alone for {first.get("vision_steps")} steps to tell each grid cell's
+colour and shape from its merged outputs (linear heads, discarded; final cell-colour accuracy
+{(first.get("vision_cell_color_accuracy") or 0) * 100:.0f}%), then frozen: trained jointly from scratch
 through the answer loss it drifted to an image-independent output, and at its random
 initialisation its cells differ too little for the language model to learn to read them.
-{training.get("seconds", 0) / 60:.0f} minutes on 2 CPU cores in all.
+{seconds / 60:.0f} minutes of wall time on 2 CPU cores in all.
 
 ## Accuracy (greedy, exact match, test split of {results["test"]["samples"]} samples)
 Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:
@@ -136,6 +134,19 @@ Measured by `python -m modes.bundled.card`; numbers in `eval_results.json`.
 
 {_shortcomings(results)}
 """
+
+
+def _commands(phases: list[dict[str, Any]]) -> str:
+    """The training command of each phase (a second phase continues the first with ``--init``)."""
+    lines = []
+    for number, phase in enumerate(phases):
+        out = "src/modes/bundled/checkpoint" if number == len(phases) - 1 else f"phase{number + 1}"
+        start = f"--init phase{number}" if number else f"--vision-steps {phase.get('vision_steps')}"
+        lines.append(
+            f"python -m modes.bundled.train --out {out} {start} --steps {phase.get('steps')} "
+            f"--lr {phase.get('lr')} --seed {phase.get('seed')}"
+        )
+    return "```bash\n" + "\n".join(lines) + "\n```"
 
 
 def _shortcomings(results: dict[str, Any]) -> str:

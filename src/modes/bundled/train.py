@@ -103,19 +103,30 @@ def train(
     log_every: int = 50,
     save_every: int = 0,
     vision_steps: int = 400,
+    init: str | Path | None = None,
     **text_overrides,
 ) -> dict:
-    """Build, train and save the model + processor into ``out``; returns the training log."""
+    """Build, train and save the model + processor into ``out``; returns the training log.
+
+    ``init``: continue from a checkpoint this function wrote (its vision tower stays frozen
+    and is not pretrained again); its training summary is kept under ``previous``.
+    """
     torch.manual_seed(seed)
     out = Path(out)
     tokenizer = build_tokenizer()
     save_processor(tokenizer, out)
     processor = load_processor(out)
-    config = model_config(tokenizer, **text_overrides)
-    config.text_config.output_router_logits = True
-    model = Qwen3VLMoeForConditionalGeneration(config).train()
     start = time.perf_counter()
-    vision_log = pretrain_vision(model, processor, steps=vision_steps, seed=seed)
+    previous = None
+    if init is None:
+        model = Qwen3VLMoeForConditionalGeneration(model_config(tokenizer, **text_overrides)).train()
+        vision_log = pretrain_vision(model, processor, steps=vision_steps, seed=seed)
+    else:
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
+        model.model.visual.requires_grad_(False)
+        previous = _summary(Path(init))
+        vision_log = []
+    model.config.text_config.output_router_logits = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     first_seed, pool = SPLITS["train"]
@@ -147,13 +158,22 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        "vision_steps": vision_steps,
+        "vision_steps": vision_steps if init is None else 0,
         "vision_cell_color_accuracy": vision_log[-1]["cell_color_accuracy"] if vision_log else None,
         "seconds": round(seconds, 1),
     }
+    if previous is not None:
+        summary["previous"] = previous
     record = {**summary, "vision_log": vision_log, "log": log}
     (out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
     return summary
+
+
+def _summary(checkpoint: Path) -> dict | None:
+    path = checkpoint / "training_log.json"
+    if not path.exists():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("log", "vision_log")}
 
 
 def _save(model: Qwen3VLMoeForConditionalGeneration, directory: Path) -> None:
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=400, help="vision pretraining steps")
+    parser.add_argument("--init", default=None, help="continue from this checkpoint (second phase)")
     parser.add_argument("--save-every", type=int, default=500, help="intermediate checkpoint period")
     args = parser.parse_args(argv)
     print(
@@ -184,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=args.lr,
             seed=args.seed,
             vision_steps=args.vision_steps,
+            init=args.init,
             save_every=args.save_every,
         )
     )

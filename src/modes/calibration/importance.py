@@ -163,7 +163,8 @@ def _knockout_pass(
                     kl = answer_kl(model, batch)
             else:
                 kl = answer_kl(model, batch)
-            sums[layer][group] += float(kl)
+            # KL >= 0; when the knockout changes nothing, rounding can leave about -1e-11
+            sums[layer][group] += max(0.0, float(kl))
             bar.update(1)
     batch.reference_logprobs = None
     replay.outputs = {}

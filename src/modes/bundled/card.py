@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from modes.bundled.benchmark import SKILLS, SPLITS
+from modes.bundled.train import training_summary
 from modes.data.samples import load_samples
 from modes.engine import patch as engine
 from modes.evaluation.evaluate import evaluate
@@ -62,14 +63,11 @@ def measure(path: Path) -> dict[str, Any]:
     test = load_samples(split="test")
     full = evaluate(model, processor, test)
     slice_200 = evaluate(model, processor, test[:200], progress=False)
-    log = (
-        json.loads((path / "training_log.json").read_text()) if (path / "training_log.json").exists() else {}
-    )
     return {
         "test": {"accuracy": full["accuracy"], "per_skill": full["per_skill"], "samples": full["samples"]},
         "slice_200": {"accuracy": slice_200["accuracy"], "per_skill": slice_200["per_skill"]},
         "routing_balance": routing_balance(model, processor, test[:400]),
-        "training": {k: v for k, v in log.items() if k not in ("log", "vision_log")},
+        "training": training_summary(path) or {},
     }
 
 

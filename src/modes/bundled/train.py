@@ -27,7 +27,7 @@ from modes.bundled.build import build_tokenizer, model_config, save_processor
 from modes.data.encoding import encode_teacher_forced
 from modes.loading import load_processor
 
-__all__ = ["main", "pretrain_vision", "train"]
+__all__ = ["main", "pretrain_vision", "train", "training_summary"]
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -124,7 +124,7 @@ def train(
     else:
         model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
         model.model.visual.requires_grad_(False)
-        previous = _summary(Path(init))
+        previous = training_summary(Path(init))
         vision_log = []
     model.config.text_config.output_router_logits = True
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -169,7 +169,8 @@ def train(
     return summary
 
 
-def _summary(checkpoint: Path) -> dict | None:
+def training_summary(checkpoint: Path) -> dict | None:
+    """A checkpoint's training settings and time, without the per-step logs (None: no log)."""
     path = checkpoint / "training_log.json"
     if not path.exists():
         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from modes.bundled.benchmark import Sample
 from modes.calibration.importance import Importance
-from modes.calibration.kl import prepare_batches
+from modes.calibration.kl import CalibrationBatch, prepare_batches
 from modes.calibration.similarity import expert_similarity
 from modes.engine import patch as engine
 from modes.evaluation.evaluate import evaluate
@@ -40,6 +41,8 @@ METHODS = ("modes", "dmt", "gmlg", "local", "naee", "mc_moe", "diep", "k_reducti
 
 @dataclass
 class Setting:
+    """One comparison's model and calibration data; what several methods share is computed once."""
+
     model: Any
     processor: Any
     calibration: Sequence[Sample]
@@ -47,6 +50,20 @@ class Setting:
     grid_size: int
     batch_size: int
     cache_dir: Path | None = None
+
+    @cached_property
+    def batches(self) -> list[CalibrationBatch]:
+        return prepare_batches(self.processor, self.calibration, self.batch_size, _device(self.model))
+
+    @cached_property
+    def median_top2_ratio(self) -> dict[str, float]:
+        """NAEE's beta(l), also MC-MoE's beta and DiEP's gamma1."""
+        return _median_top2_ratio(self.model, self.batches)
+
+    @cached_property
+    def expert_similarity(self) -> dict[str, list[list[float]]]:
+        """DiEP's gamma2 tables."""
+        return expert_similarity(self.model, self.processor, self.calibration, batch_size=self.batch_size)
 
 
 def uniform_importance(importance: Importance) -> Importance:
@@ -84,19 +101,17 @@ def _k_reduction(setting: Setting, target: float) -> SkipPlan:
 
 
 def _naee(setting: Setting, target: float) -> SkipPlan:
-    return _scaled_plan(setting, target, "naee", {"beta": _median_top2_ratio(setting)})
+    return _scaled_plan(setting, target, "naee", {"beta": setting.median_top2_ratio})
 
 
 def _mc_moe(setting: Setting, target: float) -> SkipPlan:
-    parameters = {"beta": _median_top2_ratio(setting), "protect": 0.02}
+    parameters = {"beta": setting.median_top2_ratio, "protect": 0.02}
     return _scaled_plan(setting, target, "mc_moe", parameters)
 
 
 def _diep(setting: Setting, target: float) -> SkipPlan:
-    cka = expert_similarity(
-        setting.model, setting.processor, setting.calibration, batch_size=setting.batch_size
-    )
-    return _scaled_plan(setting, target, "diep", {"gamma1": _median_top2_ratio(setting), "cka": cka})
+    parameters = {"gamma1": setting.median_top2_ratio, "cka": setting.expert_similarity}
+    return _scaled_plan(setting, target, "diep", parameters)
 
 
 @torch.no_grad()
@@ -104,21 +119,12 @@ def _scaled_plan(setting: Setting, target: float, method: str, parameters: dict[
     """The plan of ``method`` whose ``scale`` parameter reaches ``target`` on the calibration data
     (bisection: every scaled rule skips monotonically more as its scale grows)."""
     info = setting.importance.model
-    batches = prepare_batches(
-        setting.processor, setting.calibration, setting.batch_size, _device(setting.model)
-    )
 
     def plan_at(scale: float) -> SkipPlan:
         return SkipPlan({}, {}, method=method, parameters={**parameters, "scale": scale}, model=info)
 
     def ratio_at(scale: float) -> float:
-        engine.apply(setting.model, plan_at(scale), setting.processor.tokenizer.all_special_ids)
-        try:
-            for batch in batches:
-                setting.model(**batch.inputs, use_cache=False)
-            return engine.skip_stats(setting.model)["ratio"]
-        finally:
-            engine.remove(setting.model)
+        return _skip_stats(setting.model, setting.processor, plan_at(scale), setting.batches)["ratio"]
 
     low, high = 0.0, 1.0
     while ratio_at(high) < target and high < 1e4:
@@ -132,11 +138,25 @@ def _scaled_plan(setting: Setting, target: float, method: str, parameters: dict[
 
 
 @torch.no_grad()
-def _median_top2_ratio(setting: Setting) -> dict[str, float]:
-    """NAEE's beta(l): per-layer median of pi_top2 / pi_top1 over calibration tokens."""
+def _skip_stats(
+    model: Any, processor: Any, plan: SkipPlan, batches: list[CalibrationBatch]
+) -> dict[str, Any]:
+    """`modes.skip_stats` of ``plan`` over the teacher-forced ``batches``."""
+    engine.apply(model, plan, processor.tokenizer.all_special_ids)
+    try:
+        for batch in batches:
+            model(**batch.inputs, use_cache=False)
+        return engine.skip_stats(model)
+    finally:
+        engine.remove(model)
+
+
+@torch.no_grad()
+def _median_top2_ratio(model: Any, batches: list[CalibrationBatch]) -> dict[str, float]:
+    """Per-layer median of pi_top2 / pi_top1 over the calibration tokens."""
     ratios: dict[int, list[torch.Tensor]] = {}
     handles = []
-    for site in engine.moe_sites(setting.model):
+    for site in engine.moe_sites(model):
 
         def record(module, args, layer=site.layer):
             top = args[2].float().topk(2, dim=1).values  # [T, 2]
@@ -144,10 +164,8 @@ def _median_top2_ratio(setting: Setting) -> dict[str, float]:
 
         handles.append(site.module.register_forward_pre_hook(record))
     try:
-        for batch in prepare_batches(
-            setting.processor, setting.calibration, setting.batch_size, _device(setting.model)
-        ):
-            setting.model(**batch.inputs, use_cache=False)
+        for batch in batches:
+            model(**batch.inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -164,13 +182,8 @@ def skippable_share(model: Any, processor: Any, samples: Sequence[Sample], batch
     """
     info = engine.model_info(model)
     keep_all = SkipPlan({}, {}, method="k_reduction", parameters={"keep": info.top_k}, model=info)
-    engine.apply(model, keep_all, processor.tokenizer.all_special_ids)
-    try:
-        for batch in prepare_batches(processor, samples, batch_size, _device(model)):
-            model(**batch.inputs, use_cache=False)
-        stats = engine.skip_stats(model)
-    finally:
-        engine.remove(model)
+    batches = prepare_batches(processor, samples, batch_size, _device(model))
+    stats = _skip_stats(model, processor, keep_all, batches)
     other = stats["per_modality"].get("other", {}).get("total_slots", 0)
     return 1.0 - other / stats["total_slots"]
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
 import modes
-from modes.bundled.train import train
+from modes.bundled.benchmark import SKILLS
+from modes.bundled.train import _training_batch, parse_skill_weights, train
 
 
 def test_a_few_training_steps_write_a_checkpoint_the_auto_classes_load(tmp_path):
@@ -34,3 +36,19 @@ def test_a_few_training_steps_write_a_checkpoint_the_auto_classes_load(tmp_path)
     continued = AutoModelForImageTextToText.from_pretrained(tmp_path / "phase2", dtype=torch.float32)
     for name, tensor in continued.model.visual.state_dict().items():  # frozen in the second phase
         assert torch.equal(tensor, vision[name])
+
+
+def test_skill_weights_choose_the_skills_of_a_training_batch():
+    generator = torch.Generator().manual_seed(0)
+    only_exists = parse_skill_weights(",".join(f"{s}=0" for s in SKILLS if s != "exists"))
+    batch = _training_batch(list(range(16)), generator, only_exists)
+    assert {sample.skill for sample in batch} == {"exists"}
+    assert len({sample.question for sample in batch}) > 1  # seeds still vary the scenes
+    balanced = _training_batch(list(range(16)), generator, None)
+    assert [s.skill for s in balanced] == [SKILLS[i % len(SKILLS)] for i in range(16)]
+
+
+@pytest.mark.parametrize("text", ["exist=2", "exists", "exists=-1", ",".join(f"{s}=0" for s in SKILLS)])
+def test_bad_skill_weights_are_rejected_with_the_skill_list(text):
+    with pytest.raises(ValueError, match="skill"):
+        parse_skill_weights(text)

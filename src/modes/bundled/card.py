@@ -81,7 +81,7 @@ def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
         for layer, b in results["routing_balance"].items()
     )
     training = results["training"]
-    phases = [*([training["previous"]] if training.get("previous") else []), training]
+    phases = _phases(training)
     first = phases[0]
     seconds = sum(phase.get("seconds", 0) for phase in phases)
     return f"""# modes bundled model: a small trained Qwen3-VL-MoE
@@ -134,6 +134,22 @@ Measured by `python -m modes.bundled.card`; numbers in `eval_results.json`.
 """
 
 
+def _phases(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """Training phases, first to last (each continued phase keeps the one before as ``previous``)."""
+    phases = []
+    while training:
+        phases.insert(0, training)
+        training = training.get("previous") or {}
+    return phases
+
+
+def _skill_weights_option(phase: dict[str, Any]) -> str:
+    weights = {skill: w for skill, w in (phase.get("skill_weights") or {}).items() if w != 1}
+    if not weights:
+        return ""
+    return " --skill-weights " + ",".join(f"{skill}={w:g}" for skill, w in weights.items())
+
+
 def _commands(phases: list[dict[str, Any]]) -> str:
     """The training command of each phase (a second phase continues the first with ``--init``)."""
     lines = []
@@ -142,7 +158,7 @@ def _commands(phases: list[dict[str, Any]]) -> str:
         start = f"--init phase{number}" if number else f"--vision-steps {phase.get('vision_steps')}"
         lines.append(
             f"python -m modes.bundled.train --out {out} {start} --steps {phase.get('steps')} "
-            f"--lr {phase.get('lr')} --seed {phase.get('seed')}"
+            f"--lr {phase.get('lr')} --seed {phase.get('seed')}{_skill_weights_option(phase)}"
         )
     return "```bash\n" + "\n".join(lines) + "\n```"
 

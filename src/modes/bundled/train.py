@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from modes.bundled.benchmark import COLORS, SHAPES, SPLITS, cell_labels, make_sample
+from modes.bundled.benchmark import COLORS, SHAPES, SKILLS, SPLITS, Sample, cell_labels, make_sample
 from modes.bundled.build import build_tokenizer, model_config, save_processor
 from modes.data.encoding import encode_teacher_forced
 from modes.loading import load_processor
@@ -35,6 +35,34 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parse_skill_weights(text: str) -> dict[str, float]:
+    """``"exists=3,position_of=3"`` -> weights per skill (unnamed skills weigh 1)."""
+    weights = dict.fromkeys(SKILLS, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        skill, _, value = item.partition("=")
+        if skill not in weights or not value:
+            raise ValueError(
+                f"bad skill weight {item!r}: write skill=weight with a skill from {', '.join(SKILLS)}"
+            )
+        weights[skill] = float(value)
+    if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(f"skill weights must be >= 0 and not all 0, got {weights}")
+    return weights
+
+
+def _training_batch(
+    seeds: list[int], generator: torch.Generator, skill_weights: dict[str, float] | None
+) -> list[Sample]:
+    """Samples for ``seeds``; with weights, each sample's skill is drawn from them instead of
+    cycling with the seed (to give the hardest skills more of a late training phase)."""
+    first_seed, _ = SPLITS["train"]
+    if skill_weights is None:
+        return [make_sample(first_seed + s) for s in seeds]
+    probabilities = torch.tensor([skill_weights[skill] for skill in SKILLS])
+    picks = torch.multinomial(probabilities, len(seeds), replacement=True, generator=generator)
+    return [make_sample(first_seed + s, SKILLS[i]) for s, i in zip(seeds, picks.tolist(), strict=True)]
 
 
 def pretrain_vision(
@@ -104,12 +132,14 @@ def train(
     save_every: int = 0,
     vision_steps: int = 400,
     init: str | Path | None = None,
+    skill_weights: dict[str, float] | None = None,
     **text_overrides,
 ) -> dict:
     """Build, train and save the model + processor into ``out``; returns the training log.
 
     ``init``: continue from a checkpoint this function wrote (its vision tower stays frozen
     and is not pretrained again); its training summary is kept under ``previous``.
+    ``skill_weights``: draw each sample's skill from these weights (default: balanced).
     """
     torch.manual_seed(seed)
     out = Path(out)
@@ -129,13 +159,13 @@ def train(
     model.config.text_config.output_router_logits = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    first_seed, pool = SPLITS["train"]
+    _, pool = SPLITS["train"]
     generator = torch.Generator().manual_seed(seed)
     log: list[dict] = []
     progress = tqdm(range(steps), desc="train", unit="step")
     for step in progress:
         seeds = torch.randint(0, pool, (batch_size,), generator=generator).tolist()
-        batch = encode_teacher_forced(processor, [make_sample(first_seed + s) for s in seeds])
+        batch = encode_teacher_forced(processor, _training_batch(seeds, generator, skill_weights))
         answer_mask = batch.pop("answer_mask")
         labels = batch["input_ids"].masked_fill(~answer_mask, -100)
         for group in optimizer.param_groups:
@@ -159,6 +189,7 @@ def train(
         "lr": lr,
         "seed": seed,
         "vision_steps": vision_steps if init is None else 0,
+        "skill_weights": skill_weights,
         "vision_cell_color_accuracy": vision_log[-1]["cell_color_accuracy"] if vision_log else None,
         "seconds": round(seconds, 1),
     }
@@ -196,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=400, help="vision pretraining steps")
     parser.add_argument("--init", default=None, help="continue from this checkpoint (second phase)")
+    parser.add_argument(
+        "--skill-weights",
+        type=parse_skill_weights,
+        default=None,
+        help="e.g. exists=3,position_of=3: oversample skills (others weigh 1; default balanced)",
+    )
     parser.add_argument("--save-every", type=int, default=500, help="intermediate checkpoint period")
     args = parser.parse_args(argv)
     print(
@@ -208,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             vision_steps=args.vision_steps,
             init=args.init,
             save_every=args.save_every,
+            skill_weights=args.skill_weights,
         )
     )
 

@@ -313,14 +313,14 @@ def test_few_kept_rows_take_the_eager_loop_and_still_match_the_reference(tiny, m
     from modes.engine import execute
 
     eager_chosen = []
-    choose = execute._few_rows_forward
+    choose = execute._eager_loop_if_cheaper
 
     def spy(experts, kept):
-        forward = choose(experts, kept)
-        eager_chosen.append(forward is not type(experts).__call__)
-        return forward
+        eager = choose(experts, kept)
+        eager_chosen.append(eager is not None)
+        return eager
 
-    monkeypatch.setattr(execute, "_few_rows_forward", spy)
+    monkeypatch.setattr(execute, "_eager_loop_if_cheaper", spy)
     model = build(tiny)
     ids = prompts(tiny, batch=1, length=2)  # 2 tokens x top-4 = 8 slots: any skip leaves < 8 experts' rows
     assert_matches_dense_reference(model, tiny, make_plan(model, tiny, tau=MODERATE, seed=11), ids)

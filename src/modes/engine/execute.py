@@ -7,7 +7,8 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
   uninitialised output) ever reaches a kernel. The k partial outputs are summed in slot order,
   as transformers does. A call that skips nothing runs the module unchanged (no overhead,
-  bit-identical).
+  bit-identical). On CPU, a call left with fewer kept rows than experts (decode) runs the
+  family's eager loop instead, which visits only the experts hit.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -23,15 +24,24 @@ __all__ = ["run_compacted", "run_experts", "run_masked", "run_with_sentinels"]
 
 
 def run_compacted(
-    experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    skip: torch.Tensor,
+    eager_accepts_sentinel: bool = True,
 ) -> torch.Tensor:
     num_tokens, top_k = index.shape
-    kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
-    if kept.numel() == num_tokens * top_k:  # nothing skipped: the module itself, no gather
+    skipped = int(skip.sum())  # the one host sync of a call (free on CPU)
+    if skipped == 0:  # the module itself: no gather, bit-identical
         return experts(hidden, index, weights)
+    eager = _eager_loop_if_cheaper(experts, num_tokens * top_k - skipped)
+    if eager is not None and eager_accepts_sentinel:  # the loop passes over sentinel slots
+        return eager(experts, hidden, *_with_sentinels(experts, index, weights, skip))
+    kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
     out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1])  # [T * k, H]
     if kept.numel():
-        forward = _few_rows_forward(experts, kept.numel())
+        forward = eager or type(experts).__call__
         rows = forward(
             experts,
             hidden[kept // top_k],  # [N, H]
@@ -42,8 +52,8 @@ def run_compacted(
     return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
 
 
-def _few_rows_forward(experts: nn.Module, kept: int):
-    """The module's own kernel, or its eager loop when skipping left fewer rows than experts.
+def _eager_loop_if_cheaper(experts: nn.Module, kept: int):
+    """The family's eager loop when skipping left fewer rows than experts on CPU, else None.
 
     Grouped kernels on CPU visit every expert, even empty ones (a fixed cost of about 10 us
     each), while the eager loop visits only the experts hit; after skipping, few rows usually
@@ -51,15 +61,20 @@ def _few_rows_forward(experts: nn.Module, kept: int):
     """
     eager = getattr(type(experts).forward, "__wrapped__", None)  # use_experts_implementation keeps it
     on_cpu = next(experts.parameters()).device.type == "cpu"
-    if eager is not None and on_cpu and kept <= experts.num_experts:
-        return eager
-    return type(experts).__call__
+    return eager if eager is not None and on_cpu and kept <= experts.num_experts else None
+
+
+def _with_sentinels(
+    experts: nn.Module, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skipped slots routed to the sentinel expert ``num_experts`` with weight 0."""
+    return index.masked_fill(skip, experts.num_experts), weights.masked_fill(skip, 0)
 
 
 def run_with_sentinels(
     experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
 ) -> torch.Tensor:
-    return experts(hidden, index.masked_fill(skip, experts.num_experts), weights.masked_fill(skip, 0))
+    return experts(hidden, *_with_sentinels(experts, index, weights, skip))
 
 
 def run_masked(
@@ -81,4 +96,4 @@ def run_experts(
     if implementation in (None, "eager"):
         runner = run_with_sentinels if eager_accepts_sentinel else run_masked
         return runner(experts, hidden, index, weights, skip)
-    return run_compacted(experts, hidden, index, weights, skip)
+    return run_compacted(experts, hidden, index, weights, skip, eager_accepts_sentinel)

@@ -15,7 +15,16 @@ import torch
 
 from modes.adapters.registry import MARKUP_TOKEN_FIELDS, MODALITIES, ModelSpec
 
-__all__ = ["NUM_CODES", "OTHER", "PAD", "STAT_NAMES", "TokenContext", "media_token_ids", "modality_code"]
+__all__ = [
+    "NUM_CODES",
+    "OTHER",
+    "PAD",
+    "STAT_NAMES",
+    "CallTokens",
+    "TokenContext",
+    "media_token_ids",
+    "modality_code",
+]
 
 OTHER = len(MODALITIES)  # special tokens: never skipped, counted in the totals
 PAD = OTHER + 1  # padding: never skipped, never counted
@@ -52,6 +61,33 @@ def media_token_ids(config: Any, spec: ModelSpec) -> dict[str, set[int]]:
     }
 
 
+@dataclass(frozen=True)
+class CallTokens:
+    """The tokens one experts call sees and what every layer derives from their codes.
+
+    Derived once per forward and shared by all MoE layers, so a decode step's per-layer
+    bookkeeping is a couple of small ops rather than a dozen.
+    """
+
+    codes: torch.Tensor  # [T] long modality codes
+    skippable: torch.Tensor  # [T, 1] bool: False for special tokens and padding
+    bins: torch.Tensor  # [T] long statistics bin (code, with padding folded into OTHER)
+    counted_per_bin: torch.Tensor  # [NUM_CODES - 1] long, tokens per bin, padding not counted
+
+    @classmethod
+    def of(cls, codes: torch.Tensor) -> CallTokens:
+        bins = codes.clamp(max=OTHER)  # [T]
+        counted = (codes < PAD).long()  # [T]
+        return cls(
+            codes=codes,
+            skippable=(codes < OTHER).unsqueeze(1),
+            bins=bins,
+            counted_per_bin=torch.zeros(NUM_CODES - 1, dtype=torch.long, device=codes.device).index_add_(
+                0, bins, counted
+            ),
+        )
+
+
 @dataclass
 class TokenContext:
     """Per-call token codes for one patched model (no global state: models don't interfere)."""
@@ -62,6 +98,7 @@ class TokenContext:
     sequence: torch.Tensor | None = None  # [N] int64 batch row of each token
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N] bool
     attention_received: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [N]
+    _tokens: dict[str | None, CallTokens] = field(default_factory=dict, repr=False)  # per subset
 
     @classmethod
     def for_model(cls, config: Any, spec: ModelSpec, special_token_ids: Iterable[int] | None) -> TokenContext:
@@ -92,6 +129,7 @@ class TokenContext:
             codes[current == 0] = PAD
         self._set(codes)
         self.subsets = _subsets_from_type_ids(subset_type_ids, self.codes.numel())
+        self._tokens = {}
 
     def set_all_text(self, batch: int, length: int, device: torch.device) -> None:
         """For calls without ``input_ids`` (embeddings given directly): every token is text."""
@@ -103,11 +141,22 @@ class TokenContext:
         self.sequence = torch.arange(batch, device=codes.device).repeat_interleave(length)  # [B * L]
         self.subsets = {}
         self.attention_received = {}
+        self._tokens = {}
 
     def clear(self) -> None:
         self.codes = self.sequence = None
         self.subsets = {}
         self.attention_received = {}
+        self._tokens = {}
+
+    def tokens_for(self, subset: str | None, num_tokens: int) -> CallTokens:
+        """The tokens an experts module of ``subset`` sees (``num_tokens`` of them), cached per call."""
+        tokens = self._tokens.get(subset)
+        if tokens is None:
+            tokens = self._tokens[subset] = CallTokens.of(self.codes_for(subset, num_tokens))
+        elif tokens.codes.numel() != num_tokens:
+            self.codes_for(subset, num_tokens)  # raises the mismatch error
+        return tokens
 
     def codes_for(self, subset: str | None, num_tokens: int) -> torch.Tensor:
         """Codes of the tokens an experts module sees ([num_tokens]), with a clear error if unknown."""

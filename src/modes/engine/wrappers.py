@@ -12,7 +12,7 @@ from torch import nn
 
 from modes.engine.execute import run_experts
 from modes.engine.rule import Routing, SkipRule
-from modes.engine.tokens import NUM_CODES, OTHER, PAD, TokenContext
+from modes.engine.tokens import NUM_CODES, CallTokens, TokenContext
 
 __all__ = ["SkippingDenseRouter", "SkippingExperts", "SlotCounter"]
 
@@ -24,14 +24,12 @@ class SlotCounter:
         self.skipped: torch.Tensor | None = None  # [OTHER + 1] int64
         self.total: torch.Tensor | None = None  # [OTHER + 1] int64
 
-    def add(self, skip: torch.Tensor, codes: torch.Tensor) -> None:
-        """``skip`` [T, k] bool, ``codes`` [T]: padding (PAD) counts nowhere."""
+    def add(self, skip: torch.Tensor, tokens: CallTokens) -> None:
+        """``skip`` [T, k] bool, never set on padding (which counts nowhere) or special tokens."""
         if self.total is None or self.total.device != skip.device:
             self.reset(skip.device)
-        counted = (codes < PAD).long()  # [T]
-        bins = codes.clamp(max=OTHER)  # [T]
-        self.total.index_add_(0, bins, counted * skip.shape[1])
-        self.skipped.index_add_(0, bins, skip.sum(dim=1) * counted)
+        self.total.add_(tokens.counted_per_bin, alpha=skip.shape[1])
+        self.skipped.index_add_(0, tokens.bins, skip.sum(dim=1))
 
     def reset(self, device: torch.device | None = None) -> None:
         device = device or (self.total.device if self.total is not None else torch.device("cpu"))
@@ -65,20 +63,19 @@ class _Skipping(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Skip mask [T, k] for tokens ``hidden`` [T, H] routed to ``index`` with ``weights``
         [T, k], and the weights to use."""
-        codes = self.context.codes_for(self.subset, weights.shape[0])  # [T]
+        tokens = self.context.tokens_for(self.subset, weights.shape[0])
         routing = Routing(
-            pi=weights / self.routed_scale,
+            pi=weights if self.routed_scale == 1 else weights / self.routed_scale,
             index=index,
-            codes=codes,
+            codes=tokens.codes,
             hidden=hidden,
             attention_received=self.context.select(
                 self.subset, self.context.attention_received.get(self.layer)
             ),
             sequence=self.context.select(self.subset, self.context.sequence),
         )
-        skip = self.rule.skip_mask(routing)  # [T, k]
-        skip = skip & (codes < OTHER).unsqueeze(1)  # special tokens and padding are never skipped
-        self.counter.add(skip, codes)
+        skip = self.rule.skip_mask(routing) & tokens.skippable  # [T, k]; never special tokens, padding
+        self.counter.add(skip, tokens)
         if self.renormalize:
             kept = weights.masked_fill(skip, 0)
             scale = weights.sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp_min(1e-20)

@@ -15,7 +15,10 @@ COLUMNS = (0.0, 0.5, 0.75, 0.88)
 def cell(row: dict) -> str:
     if row["target_ratio"] == 0.0:
         return f"{row['speedup']:.2f}x"
-    return f"{row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f}"
+    text = f"{row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f}"
+    if row.get("attainable", row["ideal"]) < row["ideal"]:  # bound by reading expert weights
+        text += f" [{row['fraction_of_attainable']:.0%} of {row['attainable']:.1f}x]"
+    return text
 
 
 def main() -> None:

@@ -308,19 +308,18 @@ def test_full_skip_is_finite_and_decode_steps_count_as_text(tiny):
 
 
 @pytest.mark.parametrize("tiny", FAMILIES)
-def test_few_kept_rows_take_the_eager_loop_and_still_match_the_reference(tiny, monkeypatch):
-    """Decode-sized calls: fewer kept rows than experts run the family's eager loop on CPU."""
+def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, monkeypatch):
+    """Decode-sized calls: fewer kept rows than experts run the expert loop on CPU."""
     from modes.engine import execute
 
-    eager_chosen = []
-    choose = execute._eager_loop_if_cheaper
+    loop_chosen = []
+    choose = execute._loop_is_cheaper
 
     def spy(experts, kept):
-        eager = choose(experts, kept)
-        eager_chosen.append(eager is not None)
-        return eager
+        loop_chosen.append(choose(experts, kept))
+        return loop_chosen[-1]
 
-    monkeypatch.setattr(execute, "_eager_loop_if_cheaper", spy)
+    monkeypatch.setattr(execute, "_loop_is_cheaper", spy)
     model = build(tiny)
     ids = prompts(tiny, batch=1, length=2)  # 2 tokens x top-4 = 8 slots: any skip leaves < 8 experts' rows
     assert_matches_dense_reference(model, tiny, make_plan(model, tiny, tau=MODERATE, seed=11), ids)
@@ -328,4 +327,4 @@ def test_few_kept_rows_take_the_eager_loop_and_still_match_the_reference(tiny, m
     compacted = [m for m in model.modules() if getattr(m, "eager_accepts_sentinel", None) is not None]
     implementation = compacted[0].base_layer.config._experts_implementation if compacted else "eager"
     if implementation not in (None, "eager"):
-        assert any(eager_chosen), "a decode-sized call should have taken the eager loop"
+        assert any(loop_chosen), "a decode-sized call should have taken the expert loop"

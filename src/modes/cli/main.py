@@ -280,7 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from modes.evaluation.bench import bench, shaped_model
 
     if args.shape:
-        model, special = shaped_model(args.shape, args.layers), []
+        model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), []
     else:
         model, processor = load_model(args.model)
         special = processor.tokenizer.all_special_ids
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--shape", default=None, help="random-weight model with real shapes: qwen3-vl-30b-a3b"
     )
     bench_parser.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape model")
+    bench_parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of the --shape model"
+    )
     bench_parser.add_argument("--plan", default=None, help="plan JSON (default: k-reduction at --skip-ratio)")
     bench_parser.add_argument("--skip-ratio", type=float, default=0.88)
     bench_parser.add_argument("--batch", type=int, default=1)

@@ -7,8 +7,8 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
   uninitialised output) ever reaches a kernel. The k partial outputs are summed in slot order,
   as transformers does. A call that skips nothing runs the module unchanged (no overhead,
-  bit-identical). On CPU, a call left with fewer kept rows than experts (decode) runs the
-  family's eager loop instead, which visits only the experts hit.
+  bit-identical). On CPU, a call left with fewer kept rows than experts (decode) runs a
+  loop over the experts hit instead (`run_expert_loop`).
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -17,33 +17,26 @@ Three ways, chosen by the module's ``config._experts_implementation``:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
-__all__ = ["run_compacted", "run_experts", "run_masked", "run_with_sentinels"]
+__all__ = ["run_compacted", "run_expert_loop", "run_experts", "run_masked", "run_with_sentinels"]
 
 
 def run_compacted(
-    experts: nn.Module,
-    hidden: torch.Tensor,
-    index: torch.Tensor,
-    weights: torch.Tensor,
-    skip: torch.Tensor,
-    eager_accepts_sentinel: bool = True,
+    experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
 ) -> torch.Tensor:
     num_tokens, top_k = index.shape
-    skipped = int(skip.sum())  # the one host sync of a call (free on CPU)
-    if skipped == 0:  # the module itself: no gather, bit-identical
-        return experts(hidden, index, weights)
-    eager = _eager_loop_if_cheaper(experts, num_tokens * top_k - skipped)
-    if eager is not None and eager_accepts_sentinel:  # the loop passes over sentinel slots
-        return eager(experts, hidden, *_with_sentinels(experts, index, weights, skip))
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
+    if kept.numel() == num_tokens * top_k:  # nothing skipped: the module itself, no gather
+        return experts(hidden, index, weights)
+    if _loop_is_cheaper(experts, kept.numel()):
+        return run_expert_loop(experts, hidden, index, weights, kept)
     out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1])  # [T * k, H]
     if kept.numel():
-        forward = eager or type(experts).__call__
-        rows = forward(
-            experts,
+        rows = experts(
             hidden[kept // top_k],  # [N, H]
             index.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
             weights.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
@@ -52,16 +45,55 @@ def run_compacted(
     return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
 
 
-def _eager_loop_if_cheaper(experts: nn.Module, kept: int):
-    """The family's eager loop when skipping left fewer rows than experts on CPU, else None.
-
-    Grouped kernels on CPU visit every expert, even empty ones (a fixed cost of about 10 us
-    each), while the eager loop visits only the experts hit; after skipping, few rows usually
-    hit few experts.
-    """
-    eager = getattr(type(experts).forward, "__wrapped__", None)  # use_experts_implementation keeps it
+def _loop_is_cheaper(experts: nn.Module, kept: int) -> bool:
+    """On CPU, when skipping left fewer rows than experts (decode): grouped kernels there
+    visit every expert, even empty ones (about 10 us each), while the loop visits only the
+    experts hit, with fewer small ops per expert than the families' eager loops."""
+    structured = hasattr(experts, "has_gate")  # described by transformers' use_experts_implementation
     on_cpu = next(experts.parameters()).device.type == "cpu"
-    return eager if eager is not None and on_cpu and kept <= experts.num_experts else None
+    return structured and on_cpu and kept <= experts.num_experts
+
+
+def run_expert_loop(
+    experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
+    """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to, one
+    expert at a time: the same math as transformers' grouped kernel, for any experts module
+    described by ``use_experts_implementation`` (layout, bias, gate and norm flags)."""
+    num_tokens, top_k = index.shape
+    expert_ids, order = index.reshape(-1)[kept].sort()  # [N], rows grouped by expert
+    slots = kept[order]  # [N]
+    tokens = slots // top_k  # [N]
+    rows = hidden[tokens]  # [N, H]
+    outputs, start = [], 0
+    for expert, group in itertools.groupby(expert_ids.tolist()):  # one host read per call
+        count = len(list(group))
+        outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
+        start += count
+    if not outputs:  # every slot skipped
+        return torch.zeros_like(hidden)
+    out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
+    out_rows = out_rows * weights.reshape(-1)[slots].unsqueeze(1)
+    out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    return out.index_add_(0, tokens, out_rows.float()).to(hidden.dtype)  # [T, H], summed in fp32
+
+
+def _expert_mlp(experts: nn.Module, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    """One expert on ``rows`` [n, H] -> [n, H], unweighted."""
+    if experts.has_gate:
+        up = _project(experts, rows, experts.gate_up_proj[expert], "gate_up_proj_bias", expert)
+        up = experts._apply_gate(up)
+    else:
+        up = experts.act_fn(_project(experts, rows, experts.up_proj[expert], "up_proj_bias", expert))
+    down = _project(experts, up, experts.down_proj[expert], "down_proj_bias", expert)
+    return experts.post_expert_norm(down) if experts.has_post_expert_norm else down
+
+
+def _project(
+    experts: nn.Module, rows: torch.Tensor, weight: torch.Tensor, bias: str, expert: int
+) -> torch.Tensor:
+    out = rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
+    return out + getattr(experts, bias)[expert] if experts.has_bias else out
 
 
 def _with_sentinels(
@@ -96,4 +128,4 @@ def run_experts(
     if implementation in (None, "eager"):
         runner = run_with_sentinels if eager_accepts_sentinel else run_masked
         return runner(experts, hidden, index, weights, skip)
-    return run_compacted(experts, hidden, index, weights, skip, eager_accepts_sentinel)
+    return run_compacted(experts, hidden, index, weights, skip)

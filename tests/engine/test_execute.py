@@ -78,3 +78,17 @@ def test_skipped_slots_contribute_nothing(model_type, class_name):
     got = run_compacted(experts, hidden, index, weights, skip)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize(("model_type", "class_name"), LAYOUTS[:2], ids=[m for m, _ in LAYOUTS[:2]])
+def test_one_kept_slot_per_token_needs_no_sum(model_type, class_name, tokens):
+    """Decode at high skip ratios: every token keeps only its top slot."""
+    experts = build_experts(model_type, class_name, "grouped_mm")
+    hidden, index, weights = routing(experts, tokens=tokens)
+    skip = torch.ones_like(index, dtype=torch.bool)
+    skip[:, 0] = False
+    expected = experts(hidden, index, weights.masked_fill(skip, 0))
+    got = run_compacted(experts, hidden, index, weights, skip)
+    assert got.dtype == hidden.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,8 @@ Three ways, chosen by the module's ``config._experts_implementation``:
 - ``compacted`` (``grouped_mm``, ``batched_mm`` and any other registered kernel): the kept
   (token, slot) pairs are gathered into a ``k = 1`` call of the module's own implementation,
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
-  uninitialised output) ever reaches a kernel. The k partial outputs are summed in slot order,
-  as transformers does. A call that skips nothing runs the module unchanged (no overhead,
+  uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
+  in fp32, as transformers' reduction does. A call that skips nothing runs the module unchanged (no overhead,
   bit-identical). On CPU, a call left with fewer kept rows than experts (decode) runs a
   loop over the experts hit instead (`run_expert_loop`).
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
@@ -34,15 +34,15 @@ def run_compacted(
         return experts(hidden, index, weights)
     if _loop_is_cheaper(experts, kept.numel()):
         return run_expert_loop(experts, hidden, index, weights, kept)
-    out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1])  # [T * k, H]
-    if kept.numel():
-        rows = experts(
-            hidden[kept // top_k],  # [N, H]
-            index.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
-            weights.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
-        )  # [N, H], already weighted
-        out.index_copy_(0, kept, rows.to(out.dtype))
-    return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
+    if not kept.numel():
+        return torch.zeros_like(hidden)
+    tokens = kept // top_k  # [N]
+    rows = experts(
+        hidden[tokens],  # [N, H]
+        index.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
+        weights.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
+    )  # [N, H], already weighted
+    return _sum_per_token(rows, tokens, hidden)
 
 
 def _loop_is_cheaper(experts: nn.Module, kept: int) -> bool:
@@ -59,23 +59,42 @@ def run_expert_loop(
 ) -> torch.Tensor:
     """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to, one
     expert at a time: the same math as transformers' grouped kernel, for any experts module
-    described by ``use_experts_implementation`` (layout, bias, gate and norm flags)."""
+    described by ``use_experts_implementation`` (layout, bias, gate and norm flags).
+
+    Meant for few rows (decode), where each small op counts: rows are grouped by expert on
+    the host from one read of the slot and expert ids, and when every token keeps exactly one
+    slot there is nothing to sum, so its weighted row is its output.
+    """
     num_tokens, top_k = index.shape
-    expert_ids, order = index.reshape(-1)[kept].sort()  # [N], rows grouped by expert
-    slots = kept[order]  # [N]
-    tokens = slots // top_k  # [N]
-    rows = hidden[tokens]  # [N, H]
+    if not kept.numel():  # every slot skipped
+        return torch.zeros_like(hidden)
+    slot_ids = kept.tolist()
+    expert_of_slot = index.reshape(-1)[kept].tolist()
+    order = sorted(range(len(slot_ids)), key=expert_of_slot.__getitem__)  # stable, by expert
+    slot_ids = [slot_ids[i] for i in order]
+    token_ids = [slot // top_k for slot in slot_ids]
+    slots = torch.tensor(slot_ids, dtype=torch.long, device=kept.device)  # [N], grouped by expert
+    tokens = torch.tensor(token_ids, dtype=torch.long, device=kept.device)  # [N]
+    rows = hidden if token_ids == list(range(num_tokens)) else hidden[tokens]  # [N, H]
     outputs, start = [], 0
-    for expert, group in itertools.groupby(expert_ids.tolist()):  # one host read per call
+    for expert, group in itertools.groupby(expert_of_slot[i] for i in order):
         count = len(list(group))
         outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
         start += count
-    if not outputs:  # every slot skipped
-        return torch.zeros_like(hidden)
     out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
-    out_rows = out_rows * weights.reshape(-1)[slots].unsqueeze(1)
-    out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    return out.index_add_(0, tokens, out_rows.float()).to(hidden.dtype)  # [T, H], summed in fp32
+    weighted = out_rows * weights.reshape(-1)[slots].unsqueeze(1)  # [N, H]
+    if len(token_ids) == num_tokens == len(set(token_ids)):  # one kept slot per token
+        weighted = weighted.to(hidden.dtype)
+        return weighted if rows is hidden else torch.empty_like(hidden).index_copy_(0, tokens, weighted)
+    return _sum_per_token(weighted, tokens, hidden)
+
+
+def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Weighted expert outputs ``rows`` [N, H] of tokens ``tokens`` [N] summed per token in
+    fp32, as transformers' reduction does, into ``hidden``'s shape [T, H] and dtype; a [T, H]
+    accumulator, not [T * k, H], so memory traffic follows the kept rows."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    return out.index_add_(0, tokens, rows.float()).to(hidden.dtype)
 
 
 def _expert_mlp(experts: nn.Module, expert: int, rows: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,17 @@ class ColdTimer:
         call(*draw)
         return time.perf_counter() - start
 
-    def median(self, call, repeats: int) -> float:
-        for draw in self.draws[:2]:  # warm-up
-            call(*draw)
-        return statistics.median(self.seconds(call, n) for n in range(repeats))
+    def interleaved(self, calls: dict, number: int) -> dict[str, list[float]]:
+        """Times of each of ``calls`` over ``number`` rounds, one call of each per round in turn,
+        so that drift of the machine hits all alike; warm-up excluded."""
+        for call in calls.values():
+            for draw in self.draws[:2]:
+                call(*draw)
+        times: dict[str, list[float]] = {label: [] for label in calls}
+        for n in range(number):
+            for label, call in calls.items():
+                times[label].append(self.seconds(call, n))
+        return times
 
 
 def _setup(name: str, dtype: torch.dtype, tokens: int):
@@ -121,28 +128,36 @@ def _timed_calls(tokens: int, repeats: int) -> int:
 @torch.no_grad()
 def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict:
     experts, draws, context = _setup(name, dtype, tokens)
-    timer = ColdTimer(draws)
-    calls = _timed_calls(tokens, repeats)
-    baseline = timer.median(experts, calls)
-    floor = _weight_read_floor(experts, timer, calls, draws[0][0].dtype) if tokens >= 64 else None
     all_weights = torch.cat([weights for _, _, weights in draws]).float().reshape(-1)
+    wrappers = {
+        ratio: SkippingExperts(
+            experts,
+            layer=0,
+            rule=FixedRule(float(torch.quantile(all_weights, ratio)) if ratio > 0 else 0.0),
+            context=context,
+        )
+        for ratio in RATIOS
+    }
+    calls = {"default": experts, **wrappers}
+    if tokens >= 64:  # prefill: every expert keeps rows, so reading all weights bounds the time
+        calls["floor"] = _weight_read_floor(experts, draws[0][0])
+    times = ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats))
+    median = {label: statistics.median(values) for label, values in times.items()}
+    baseline, floor = median["default"], median.get("floor")
     rows = []
-    for ratio in RATIOS:
-        tau = float(torch.quantile(all_weights, ratio)) if ratio > 0 else 0.0
-        wrapper = SkippingExperts(experts, layer=0, rule=FixedRule(tau), context=context)
-        seconds = timer.median(wrapper, calls)
+    for ratio, wrapper in wrappers.items():
         wrapper.counter.reset()
         for draw in draws:
             wrapper(*draw)
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
         ideal = 1 / (1 - realised) if realised < 1 else float("inf")
         attainable = min(ideal, baseline / floor) if floor else ideal
-        speedup = baseline / seconds
+        speedup = baseline / median[ratio]
         rows.append(
             {
                 "target_ratio": ratio,
                 "ratio": round(realised, 4),
-                "ms": round(seconds * 1e3, 3),
+                "ms": round(median[ratio] * 1e3, 3),
                 "speedup": round(speedup, 3),
                 "ideal": round(ideal, 3),
                 "fraction_of_ideal": round(speedup / ideal, 3),
@@ -151,18 +166,18 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             }
         )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
-            "timed_calls": calls, "default_ms": round(baseline * 1e3, 3),
+            "timed_calls": len(times["default"]), "default_ms": round(baseline * 1e3, 3),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None, "rows": rows}  # fmt: skip
 
 
-def _weight_read_floor(experts: torch.nn.Module, timer: ColdTimer, calls: int, dtype: torch.dtype) -> float:
-    """Time of the module with one row per expert: every expert's weights read once, almost no
-    compute. While skipping leaves every expert at least one row (prefill), no execution of the
-    kept rows can beat it, so the attainable speedup is min(1 / (1 - r), default / floor)."""
-    count, width = experts.num_experts, timer.draws[0][0].shape[1]
-    hidden = torch.randn(count, width, generator=torch.Generator().manual_seed(1)).to(dtype)
-    one_each = (hidden, torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=dtype))  # k = 1
-    return timer.median(lambda *_: experts(*one_each), calls)
+def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):
+    """The module with one row per expert: every expert's weights read once, almost no compute.
+    While skipping leaves every expert at least one row (prefill), no execution of the kept rows
+    can beat it, so the attainable speedup is min(1 / (1 - r), default / floor)."""
+    count = experts.num_experts
+    hidden = torch.randn(count, like.shape[1], generator=torch.Generator().manual_seed(1)).to(like.dtype)
+    index, weights = torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=like.dtype)  # k = 1
+    return lambda *_: experts(hidden, index, weights)
 
 
 @torch.no_grad()
@@ -171,14 +186,7 @@ def overhead_case(name: str, dtype: torch.dtype, tokens: int, pairs: int) -> dic
     drift hits both alike."""
     experts, draws, context = _setup(name, dtype, tokens)
     wrapper = SkippingExperts(experts, layer=0, rule=FixedRule(0.0), context=context)
-    calls = {"default": experts, "modes": wrapper}
-    timer = ColdTimer(draws)
-    for call in calls.values():  # warm-up
-        call(*draws[0]), call(*draws[1])
-    times: dict[str, list[float]] = {"default": [], "modes": []}
-    for number in range(pairs):
-        for label, call in calls.items():
-            times[label].append(timer.seconds(call, number))
+    times = ColdTimer(draws).interleaved({"default": experts, "modes": wrapper}, pairs)
     ratios = [m / d for m, d in zip(times["modes"], times["default"], strict=True)]
     return {
         "shape": name,

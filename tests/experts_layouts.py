@@ -1,0 +1,57 @@
+"""Standalone experts modules of every layout transformers' ``use_experts_implementation``
+describes (gate or not, transposed, bias, norm), shrunk, with random weights and routing."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from transformers import AutoConfig
+
+__all__ = ["LAYOUTS", "build_experts", "routing"]
+
+SMALL = dict(
+    hidden_size=32,
+    moe_hidden_size=32,
+    intermediate_size=16,
+    moe_intermediate_size=16,
+    num_experts=6,
+    num_local_experts=6,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+# (model_type, experts class): one per layout flag combination found in transformers 5.x
+LAYOUTS = [
+    ("qwen3_moe", "Qwen3MoeExperts"),  # concatenated gate_up, [E, out, in]
+    ("gpt_oss", "GptOssExperts"),  # interleaved gate_up, transposed, bias, own gate
+    ("aria_text", "AriaExperts"),  # transposed
+    ("nemotron_h", "NemotronHExperts"),  # no gate
+    ("muse_spark", "MuseSparkExperts"),  # post-expert norm
+]
+
+
+def build_experts(model_type: str, class_name: str, implementation: str) -> torch.nn.Module:
+    config = AutoConfig.for_model(model_type)
+    config = type(getattr(config, "text_config", config))(**SMALL)  # multimodal: the text model's
+    package = model_type.removesuffix("_text")
+    module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
+    experts = getattr(module, class_name)(config)
+    experts.config._experts_implementation = implementation
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0, 0.5)
+    return experts.eval()
+
+
+def routing(experts: torch.nn.Module, tokens: int = 5, top_k: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(tokens, SMALL["hidden_size"], generator=generator)
+    index = torch.stack(
+        [torch.randperm(experts.num_experts, generator=generator)[:top_k] for _ in range(tokens)]
+    )
+    weights = torch.rand(tokens, top_k, generator=generator)
+    return hidden, index, weights

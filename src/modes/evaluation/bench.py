@@ -1,6 +1,7 @@
 """End-to-end latency with and without a plan: prefill time, decode tokens/s, MoE share, Amdahl bound.
 
-Times are medians over repeats after warm-up, measured side by side in one process. The
+Times are medians over repeats after warm-up, measured side by side in one process, the
+unskipped model and the plan alternating round by round so that drift hits both alike. The
 share of time inside the experts modules is measured on the unskipped model with hooks
 (synchronous on CPU), and bounds the end-to-end speedup a skip ratio r can give:
 1 / ((1 - share) + share * (1 - r)).
@@ -19,7 +20,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from modes.engine import patch as engine
 from modes.plan import SkipPlan
 
-__all__ = ["SHAPES", "bench", "median_seconds", "shaped_model"]
+__all__ = ["SHAPES", "bench", "shaped_model"]
+
+LABELS = ("unskipped", "plan")
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-vl-30b-a3b": dict(
@@ -51,19 +54,6 @@ def shaped_model(shape: str, layers: int, dtype: torch.dtype = torch.float32) ->
     with torch.device("cpu"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     return model.eval()
-
-
-@torch.no_grad()
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _moe_share(model: Any, run: Callable[[], Any]) -> float:
@@ -118,20 +108,30 @@ def bench(
             past, next_ids = output.past_key_values, output.logits[:, -1:].argmax(-1)
         return statistics.median(times)
 
-    rows = {}
     share = _moe_share(model, prefill)
-    for label in ("unskipped", "plan"):
-        if label == "plan":
-            engine.apply(model, plan, special_token_ids)
-        prefill_s = median_seconds(prefill, repeats, warmup)
-        decode_step()  # warm-up
-        step_s = statistics.median(decode_step() for _ in range(max(1, repeats)))
-        rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
-        if label == "plan":
-            engine.reset_stats(model)
+    samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "step": []} for label in LABELS}
+    for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
+        for label in LABELS:
+            if label == "plan":
+                engine.apply(model, plan, special_token_ids)
+            start = time.perf_counter()
             prefill()
-            rows[label]["skip_ratio"] = engine.skip_stats(model)["ratio"]
-            engine.remove(model)
+            prefill_s = time.perf_counter() - start
+            step_s = decode_step()
+            if label == "plan":
+                engine.remove(model)
+            if round_number >= warmup:
+                samples[label]["prefill"].append(prefill_s)
+                samples[label]["step"].append(step_s)
+    rows = {}
+    for label in LABELS:
+        prefill_s, step_s = (statistics.median(samples[label][key]) for key in ("prefill", "step"))
+        rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
+    engine.apply(model, plan, special_token_ids)
+    engine.reset_stats(model)
+    prefill()
+    rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
+    engine.remove(model)
     ratio = rows["plan"]["skip_ratio"]
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = rows["unskipped"]["prefill_s"] / rows["plan"]["prefill_s"]

@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -90,20 +91,20 @@ class ColdTimer:
         self.flush_buffer = torch.ones(FLUSH_BYTES // 4)
 
     def seconds(self, call, number: int) -> float:
-        """Wall time of ``call(*draw)`` for draws 0..number-1 (cycled), each after a flush."""
+        """Wall time of ``call`` on draw ``number`` (cycling over the draws), after a flush."""
         draw = self.draws[number % len(self.draws)]
         self.flush_buffer.sum()
         start = time.perf_counter()
         call(*draw)
         return time.perf_counter() - start
 
-    def interleaved(self, calls: dict, number: int) -> dict[str, list[float]]:
+    def interleaved(self, calls: dict[Any, Any], number: int) -> dict[Any, list[float]]:
         """Times of each of ``calls`` over ``number`` rounds, one call of each per round in turn,
         so that drift of the machine hits all alike; warm-up excluded."""
         for call in calls.values():
             for draw in self.draws[:2]:
                 call(*draw)
-        times: dict[str, list[float]] = {label: [] for label in calls}
+        times: dict[Any, list[float]] = {label: [] for label in calls}
         for n in range(number):
             for label, call in calls.items():
                 times[label].append(self.seconds(call, n))

@@ -151,7 +151,7 @@ def _skill_weights_option(phase: dict[str, Any]) -> str:
 
 
 def _commands(phases: list[dict[str, Any]]) -> str:
-    """The training command of each phase (a second phase continues the first with ``--init``)."""
+    """The training command of each phase (each later phase continues the one before, ``--init``)."""
     lines = []
     for number, phase in enumerate(phases):
         out = "src/modes/bundled/checkpoint" if number == len(phases) - 1 else f"phase{number + 1}"

@@ -25,9 +25,10 @@ from transformers import Qwen3VLMoeForConditionalGeneration
 from modes.bundled.benchmark import COLORS, SHAPES, SKILLS, SPLITS, Sample, cell_labels, make_sample
 from modes.bundled.build import build_tokenizer, model_config, save_processor
 from modes.data.encoding import encode_teacher_forced
+from modes.io import write_json_atomic
 from modes.loading import load_processor
 
-__all__ = ["main", "pretrain_vision", "train", "training_summary"]
+__all__ = ["main", "parse_skill_weights", "pretrain_vision", "train", "training_summary"]
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -196,7 +197,7 @@ def train(
     if previous is not None:
         summary["previous"] = previous
     record = {**summary, "vision_log": vision_log, "log": log}
-    (out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out / "training_log.json", record)
     return summary
 
 

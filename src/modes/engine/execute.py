@@ -6,9 +6,9 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   (token, slot) pairs are gathered into a ``k = 1`` call of the module's own implementation,
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
   uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
-  in fp32, as transformers' reduction does. A call that skips nothing runs the module unchanged (no overhead,
-  bit-identical). On CPU, a call left with fewer kept rows than experts (decode) runs a
-  loop over the experts hit instead (`run_expert_loop`).
+  in fp32, as transformers' reduction does. A call that skips nothing runs the module
+  unchanged (no overhead, bit-identical). On CPU, a call left with fewer kept rows than
+  experts (decode) runs a loop over the experts hit instead (`run_expert_loop`).
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -32,10 +32,10 @@ def run_compacted(
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
     if kept.numel() == num_tokens * top_k:  # nothing skipped: the module itself, no gather
         return experts(hidden, index, weights)
+    if not kept.numel():  # every slot skipped
+        return torch.zeros_like(hidden)
     if _loop_is_cheaper(experts, kept.numel()):
         return run_expert_loop(experts, hidden, index, weights, kept)
-    if not kept.numel():
-        return torch.zeros_like(hidden)
     tokens = kept // top_k  # [N]
     rows = experts(
         hidden[tokens],  # [N, H]
@@ -115,17 +115,10 @@ def _project(
     return out + getattr(experts, bias)[expert] if experts.has_bias else out
 
 
-def _with_sentinels(
-    experts: nn.Module, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Skipped slots routed to the sentinel expert ``num_experts`` with weight 0."""
-    return index.masked_fill(skip, experts.num_experts), weights.masked_fill(skip, 0)
-
-
 def run_with_sentinels(
     experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
 ) -> torch.Tensor:
-    return experts(hidden, *_with_sentinels(experts, index, weights, skip))
+    return experts(hidden, index.masked_fill(skip, experts.num_experts), weights.masked_fill(skip, 0))
 
 
 def run_masked(

@@ -183,9 +183,8 @@ def apply(
     ]
     probe = None
     if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in wrappers):
-        probe = AttentionProbe.attach(
-            {site.layer: decoder_layers(model, [site.name])[site.layer] for site in sites}, context
-        )
+        layers = decoder_layers(model, [site.name for site in sites])
+        probe = AttentionProbe.attach({site.layer: layers[site.layer] for site in sites}, context)
     setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan, probe))
     return model
 

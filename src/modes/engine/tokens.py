@@ -129,7 +129,6 @@ class TokenContext:
             codes[current == 0] = PAD
         self._set(codes)
         self.subsets = _subsets_from_type_ids(subset_type_ids, self.codes.numel())
-        self._tokens = {}
 
     def set_all_text(self, batch: int, length: int, device: torch.device) -> None:
         """For calls without ``input_ids`` (embeddings given directly): every token is text."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ def _scaled_plan(setting: Setting, target: float, method: str, parameters: dict[
     def plan_at(scale: float) -> SkipPlan:
         return SkipPlan({}, {}, method=method, parameters={**parameters, "scale": scale}, model=info)
 
+    @cache  # the final scale was usually measured during the bisection
     def ratio_at(scale: float) -> float:
         return _skip_stats(setting.model, setting.processor, plan_at(scale), setting.batches)["ratio"]
 

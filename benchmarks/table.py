@@ -21,6 +21,23 @@ def cell(row: dict) -> str:
     return text
 
 
+def loop_table(results: list[dict], ratio: float = 0.88) -> None:
+    """Decode cases: the kernels' own gain (modes' loop with nothing skipped vs the default) and
+    the speedup at ``ratio`` against each, so skipping's share of the speedup stands apart."""
+    print("| shape | dtype | tokens | default ms | modes loop, every slot kept, ms | kernel gain "
+          f"| r = {ratio}: vs default | vs the loop, every slot kept |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for result in results:
+        if not result.get("loop_every_slot_ms"):
+            continue
+        row = next(row for row in result["rows"] if row["target_ratio"] == ratio)
+        over_loop, loop_ms = row["speedup_over_loop"], result["loop_every_slot_ms"]
+        print(f"| {result['shape']} | {result['dtype']} | {result['tokens']} | {result['default_ms']:.2f} "
+              f"| {loop_ms:.2f} | {result['default_ms'] / loop_ms:.2f}x "
+              f"| {row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f} "
+              f"| {over_loop:.2f}x ({over_loop / row['ideal']:.0%}) |")  # fmt: skip
+
+
 def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/moe_block.json")
     data = json.loads(path.read_text())
@@ -31,6 +48,9 @@ def main() -> None:
         cells = " | ".join(cell(rows[c]) for c in COLUMNS)
         head = f"| {result['shape']} | {result['dtype']} | {result['tokens']} | {result['default_ms']:.1f}"
         print(f"{head} | {cells} |")
+    if any(result.get("loop_every_slot_ms") for result in data["results"]):
+        print()
+        loop_table(data["results"])
 
 
 if __name__ == "__main__":

@@ -44,3 +44,46 @@ def test_one_kept_slot_per_token_needs_no_sum(model_type, class_name, tokens):
     got = run_compacted(experts, hidden, index, weights, skip)
     assert got.dtype == hidden.dtype
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _onednn_state_per_expert_call(experts: torch.nn.Module) -> list[bool]:
+    """Record whether oneDNN was enabled each time the loop applied an expert's gate."""
+    seen: list[bool] = []
+    apply_gate = experts._apply_gate
+
+    def recording(up: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.backends.mkldnn.enabled)
+        return apply_gate(up)
+
+    experts._apply_gate = recording
+    return seen
+
+
+@pytest.mark.parametrize(("dtype", "rows_per_expert", "onednn"), [
+    (torch.bfloat16, 1, False), (torch.bfloat16, 2, True), (torch.float32, 1, True),
+])  # fmt: skip
+def test_single_bf16_rows_leave_onednn_for_atens_gemv(dtype, rows_per_expert, onednn):
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(dtype)
+    tokens = 3 * rows_per_expert
+    hidden = torch.randn(tokens, experts.hidden_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    index = torch.arange(3).repeat_interleave(rows_per_expert).unsqueeze(1)  # [T, 1]: 3 experts
+    weights = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(3)).to(dtype)
+    expected = experts(hidden, index, weights)
+    seen = _onednn_state_per_expert_call(experts)
+    got = run_expert_loop(experts, hidden, index, weights, torch.arange(tokens))
+    assert seen == [onednn] * 3
+    assert torch.backends.mkldnn.enabled  # restored
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_onednn_is_restored_when_an_expert_fails():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
+    hidden, index, weights = routing(experts, tokens=1)
+
+    def failing(up: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("expert failed")
+
+    experts._apply_gate = failing
+    with pytest.raises(RuntimeError, match="expert failed"):
+        run_expert_loop(experts, hidden.bfloat16(), index, weights.bfloat16(), torch.tensor([0]))
+    assert torch.backends.mkldnn.enabled

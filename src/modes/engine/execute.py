@@ -17,7 +17,9 @@ Three ways, chosen by the module's ``config._experts_implementation``:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -79,7 +81,8 @@ def run_expert_loop(
     outputs, start = [], 0
     for expert, group in itertools.groupby(expert_of_slot[i] for i in order):
         count = len(list(group))
-        outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
+        with _fastest_cpu_kernel(rows.dtype, count):
+            outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
         start += count
     out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
     weighted = out_rows * weights.reshape(-1)[slots].unsqueeze(1)  # [N, H]
@@ -87,6 +90,22 @@ def run_expert_loop(
         weighted = weighted.to(hidden.dtype)
         return weighted if rows is hidden else torch.empty_like(hidden).index_copy_(0, tokens, weighted)
     return _sum_per_token(weighted, tokens, hidden)
+
+
+@contextlib.contextmanager
+def _fastest_cpu_kernel(dtype: torch.dtype, rows: int) -> Iterator[None]:
+    """One bf16 row through an expert: ATen's own bf16 GEMV streams the weights at memory
+    bandwidth, about twice as fast as oneDNN's M = 1 GEMM, which matmul picks while oneDNN is
+    enabled (measured in BENCHMARKS.md); two or more rows stay with oneDNN, faster there."""
+    onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
+    if dtype != torch.bfloat16 or rows != 1 or not onednn_in_use:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

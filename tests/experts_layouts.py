@@ -8,7 +8,7 @@ import importlib
 import torch
 from transformers import AutoConfig
 
-__all__ = ["LAYOUTS", "build_experts", "routing"]
+__all__ = ["LAYOUTS", "SMALL", "build_experts", "routing"]
 
 SMALL = dict(
     hidden_size=32,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, build_experts, routing
+from experts_layouts import LAYOUTS, SMALL, build_experts, routing
 from modes.engine.execute import run_compacted, run_expert_loop
 
 
@@ -59,13 +59,16 @@ def _onednn_state_per_expert_call(experts: torch.nn.Module) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize(("dtype", "rows_per_expert", "onednn"), [
-    (torch.bfloat16, 1, False), (torch.bfloat16, 2, True), (torch.float32, 1, True),
+@pytest.mark.parametrize(("model_type", "class_name", "dtype", "rows_per_expert", "onednn"), [
+    ("qwen3_moe", "Qwen3MoeExperts", torch.bfloat16, 1, False),  # [out, in]: ATen's GEMV
+    ("qwen3_moe", "Qwen3MoeExperts", torch.bfloat16, 2, True),
+    ("qwen3_moe", "Qwen3MoeExperts", torch.float32, 1, True),
+    ("gpt_oss", "GptOssExperts", torch.bfloat16, 1, True),  # [in, out]: ATen's path is slower
 ])  # fmt: skip
-def test_single_bf16_rows_leave_onednn_for_atens_gemv(dtype, rows_per_expert, onednn):
-    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(dtype)
+def test_single_bf16_rows_leave_onednn_for_atens_gemv(model_type, class_name, dtype, rows_per_expert, onednn):
+    experts = build_experts(model_type, class_name, "grouped_mm").to(dtype)
     tokens = 3 * rows_per_expert
-    hidden = torch.randn(tokens, experts.hidden_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    hidden = torch.randn(tokens, SMALL["hidden_size"], generator=torch.Generator().manual_seed(2)).to(dtype)
     index = torch.arange(3).repeat_interleave(rows_per_expert).unsqueeze(1)  # [T, 1]: 3 experts
     weights = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(3)).to(dtype)
     expected = experts(hidden, index, weights)

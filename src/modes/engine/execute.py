@@ -8,7 +8,8 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
   unchanged (no overhead, bit-identical). On CPU, a call left with fewer kept rows than
-  experts (decode) runs a loop over the experts hit instead (`run_expert_loop`).
+  experts (decode) runs a loop over the experts hit instead (`run_expert_loop`), which sends
+  a single bf16 row through ATen's GEMV rather than oneDNN.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -81,7 +82,7 @@ def run_expert_loop(
     outputs, start = [], 0
     for expert, group in itertools.groupby(expert_of_slot[i] for i in order):
         count = len(list(group))
-        with _fastest_cpu_kernel(rows.dtype, count):
+        with _fastest_cpu_kernel(experts, rows.dtype, count):
             outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
         start += count
     out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
@@ -93,12 +94,15 @@ def run_expert_loop(
 
 
 @contextlib.contextmanager
-def _fastest_cpu_kernel(dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """One bf16 row through an expert: ATen's own bf16 GEMV streams the weights at memory
-    bandwidth, about twice as fast as oneDNN's M = 1 GEMM, which matmul picks while oneDNN is
-    enabled (measured in BENCHMARKS.md); two or more rows stay with oneDNN, faster there."""
+def _fastest_cpu_kernel(experts: nn.Module, dtype: torch.dtype, rows: int) -> Iterator[None]:
+    """One bf16 row through an expert stored [out, in]: ATen's own bf16 GEMV (row . weight
+    rows) streams the weights near memory bandwidth, about twice as fast as oneDNN's M = 1 GEMM,
+    which matmul picks while oneDNN is enabled (measured in BENCHMARKS.md). Two or more rows,
+    and weights stored [in, out] (ATen's path is 8x slower there), stay with oneDNN. The switch
+    is process-wide for the expert's duration: a bf16 matmul of another thread in that window
+    takes ATen's path too (same result up to rounding)."""
     onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
-    if dtype != torch.bfloat16 or rows != 1 or not onednn_in_use:
+    if dtype != torch.bfloat16 or rows != 1 or experts.is_transposed or not onednn_in_use:
         yield
         return
     torch.backends.mkldnn.enabled = False

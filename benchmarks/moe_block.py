@@ -5,8 +5,9 @@
 Per shape, dtype and token count: the transformers default experts implementation with no
 skipping, then the modes wrapper at each skip ratio. Skips follow the MoDES rule (a score
 threshold on softmax-top-k router weights from a random router, alpha constant), with the
-threshold set to the score quantile that gives the ratio. Times are medians of repeats after
-warm-up, taken side by side in one process; speedups are relative to the default path.
+threshold set to the score quantile that gives the ratio. Every configuration is called once
+per round, in turn, after warm-up; times are medians over rounds, and a speedup is the median
+over rounds of the default's time over the configuration's time in the same round.
 
 Each timed call starts cold, as a MoE block does inside a model: the routing cycles over
 several token draws (so consecutive calls hit different experts) and a buffer twice the
@@ -141,13 +142,14 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         for ratio in RATIOS
     }
     calls = {"default": experts, **wrappers}
-    if tokens >= 64:  # prefill: every expert keeps rows, so reading all weights bounds the time
+    if tokens >= 64:  # prefill: every expert keeps rows, so reading all its weights bounds the time
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
     times = ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats))
     median = {label: statistics.median(values) for label, values in times.items()}
     baseline, floor, loop = median["default"], median.get("floor"), median.get("loop")
+    floor_speedup = _paired_speedup(times, "floor") if floor else None
     rows = []
     for ratio, wrapper in wrappers.items():
         wrapper.counter.reset()
@@ -155,8 +157,8 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             wrapper(*draw)
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
         ideal = 1 / (1 - realised) if realised < 1 else float("inf")
-        attainable = min(ideal, baseline / floor) if floor else ideal
-        speedup = baseline / median[ratio]
+        attainable = min(ideal, floor_speedup) if floor_speedup else ideal
+        speedup = _paired_speedup(times, ratio)
         rows.append(
             {
                 "target_ratio": ratio,
@@ -167,19 +169,29 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
                 "fraction_of_ideal": round(speedup / ideal, 3),
                 "attainable": round(attainable, 3),
                 "fraction_of_attainable": round(speedup / attainable, 3),
-                **({"speedup_over_loop": round(loop / median[ratio], 3)} if loop else {}),
+                **({"speedup_over_loop": round(_paired_speedup(times, ratio, "loop"), 3)} if loop else {}),
             }
         )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
             "timed_calls": len(times["default"]), "default_ms": round(baseline * 1e3, 3),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
-            "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None, "rows": rows}  # fmt: skip
+            "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
+            "loop_gain": round(_paired_speedup(times, "loop"), 3) if loop else None,
+            "rows": rows}  # fmt: skip
+
+
+def _paired_speedup(times: dict[Any, list[float]], label: Any, baseline: str = "default") -> float:
+    """Median over rounds of baseline time / ``label`` time, both taken in the same round, so
+    that a slow stretch of the machine, which hits a whole round, cancels out."""
+    return statistics.median(b / t for b, t in zip(times[baseline], times[label], strict=True))
 
 
 def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):
     """The module with one row per expert: every expert's weights read once, almost no compute.
     While skipping leaves every expert at least one row (prefill), no execution of the kept rows
-    can beat it, so the attainable speedup is min(1 / (1 - r), default / floor)."""
+    by the module's kernel can beat it, so the attainable speedup is min(1 / (1 - r), default /
+    floor). (It is the kernel's floor: oneDNN's small-M GEMMs stream weights well below what
+    the memory delivers on this CPU, see BENCHMARKS.md.)"""
     count = experts.num_experts
     hidden = torch.randn(count, like.shape[1], generator=torch.Generator().manual_seed(1)).to(like.dtype)
     index, weights = torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=like.dtype)  # k = 1

@@ -3,7 +3,8 @@
 Times are medians over repeats after warm-up, measured side by side in one process, the
 unskipped model and the plan alternating round by round so that drift hits both alike. The
 share of time inside the experts modules is measured on the unskipped model with hooks
-(synchronous on CPU), and bounds the end-to-end speedup a skip ratio r can give:
+(synchronous on CPU), in an extra prefill each round after warm-up (median; the first,
+cold call would bias it), and bounds the end-to-end speedup a skip ratio r can give:
 1 / ((1 - share) + share * (1 - r)).
 """
 
@@ -108,9 +109,11 @@ def bench(
             past, next_ids = output.past_key_values, output.logits[:, -1:].argmax(-1)
         return statistics.median(times)
 
-    share = _moe_share(model, prefill)
     samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "step": []} for label in LABELS}
+    shares = []  # of the unskipped model, hooked in a prefill of its own (hooks stay off the timed ones)
     for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
+        if round_number >= warmup:
+            shares.append(_moe_share(model, prefill))
         for label in LABELS:
             if label == "plan":
                 engine.apply(model, plan, special_token_ids)
@@ -132,7 +135,7 @@ def bench(
     prefill()
     rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
     engine.remove(model)
-    ratio = rows["plan"]["skip_ratio"]
+    ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = rows["unskipped"]["prefill_s"] / rows["plan"]["prefill_s"]
     return {

@@ -1,0 +1,101 @@
+"""How fast this CPU's matmul kernels stream expert weights, against what the memory delivers.
+
+    python benchmarks/cpu_kernels.py [--out benchmarks/results/cpu_kernels.json]
+
+All 128 experts of a Qwen3-VL-30B-A3B layer, stored as transformers stores them ([E, out, in],
+gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in bf16), are
+streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
+memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
+picks by default) and disabled (ATen's own kernels). The passes are interleaved round by
+round; medians after one warm-up round. This explains the block benchmark: the bf16 GEMV
+choice of modes' expert loop, and why prefill with a few kept rows per expert cannot reach
+the ideal speedup here (the kernel, not the memory, bounds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EXPERTS, OUT, IN = 128, 2304, 2048  # Qwen3-VL-30B-A3B: 2 x 768 gate_up + 768 down, hidden 2048
+ROWS = (1, 2, 4, 8, 16)
+
+
+def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Label -> one pass over every expert's weights."""
+    inputs = {m: torch.randn(m, IN).to(weights.dtype) for m in ROWS}
+
+    def linear(rows: int, onednn: bool) -> Callable[[], object]:
+        def run() -> None:
+            torch.backends.mkldnn.enabled = onednn
+            try:
+                for expert in range(EXPERTS):
+                    F.linear(inputs[rows], weights[expert])  # [M, IN] x [OUT, IN]^T
+            finally:
+                torch.backends.mkldnn.enabled = True
+
+        return run
+
+    passes: dict[str, Callable[[], object]] = {"sum": weights.sum}
+    for rows in ROWS:
+        passes[f"M={rows} oneDNN"] = linear(rows, onednn=True)
+        passes[f"M={rows} ATen"] = linear(rows, onednn=False)
+    return passes
+
+
+def measure(dtype: torch.dtype, rounds: int) -> dict:
+    weights = torch.randn(EXPERTS, OUT, IN).to(dtype)  # [E, out, in]
+    gigabytes = weights.numel() * weights.element_size() / 1e9
+    passes = _passes(weights)
+    times: dict[str, list[float]] = {label: [] for label in passes}
+    for round_number in range(rounds + 1):
+        for label, run in passes.items():
+            start = time.perf_counter()
+            run()
+            if round_number:  # round 0 is warm-up
+                times[label].append(time.perf_counter() - start)
+    rows = []
+    for label, values in times.items():
+        seconds = statistics.median(values)
+        rows.append({"pass": label, "ms": round(seconds * 1e3, 1), "GB_per_s": round(gigabytes / seconds, 1)})
+    return {"dtype": str(dtype).replace("torch.", ""), "gigabytes": round(gigabytes, 3), "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--out", default="benchmarks/results/cpu_kernels.json")
+    args = parser.parse_args()
+    machine = {
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    results = []
+    for name in args.dtypes.split(","):
+        result = measure(getattr(torch, name), args.rounds)
+        results.append(result)
+        print(f"{result['dtype']} ({result['gigabytes']} GB per pass)")
+        for row in result["rows"]:
+            print(f"  {row['pass']:14s} {row['ms']:8.1f} ms  {row['GB_per_s']:5.1f} GB/s", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

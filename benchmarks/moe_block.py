@@ -6,8 +6,9 @@ Per shape, dtype and token count: the transformers default experts implementatio
 skipping, then the modes wrapper at each skip ratio. Skips follow the MoDES rule (a score
 threshold on softmax-top-k router weights from a random router, alpha constant), with the
 threshold set to the score quantile that gives the ratio. Every configuration is called once
-per round, in turn, after warm-up; times are medians over rounds, and a speedup is the median
-over rounds of the default's time over the configuration's time in the same round.
+per round, in turn, after warm-up; for prefill, times are medians over rounds and a speedup is
+the median over rounds of the default's time over the configuration's in the same round; for
+decode, whose draws keep different numbers of slots, means over whole passes (`Timings`).
 
 Each timed call starts cold, as a MoE block does inside a model: the routing cycles over
 several token draws (so consecutive calls hit different experts) and a buffer twice the
@@ -124,8 +125,8 @@ def _setup(name: str, dtype: torch.dtype, tokens: int):
 
 
 def _timed_calls(tokens: int, repeats: int) -> int:
-    """Decode calls take milliseconds: time at least two passes over the draws."""
-    return repeats if tokens >= 64 else max(repeats, 2 * DRAWS)
+    """Decode calls take milliseconds: time several whole passes over the draws."""
+    return repeats if tokens >= 64 else max(repeats, 4) * DRAWS
 
 
 @torch.no_grad()
@@ -146,10 +147,9 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
-    times = ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats))
-    median = {label: statistics.median(values) for label, values in times.items()}
-    baseline, floor, loop = median["default"], median.get("floor"), median.get("loop")
-    floor_speedup = _paired_speedup(times, "floor") if floor else None
+    times = Timings(ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats)), tokens < 64)
+    baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
+    floor_speedup = times.speedup("floor") if floor else None
     rows = []
     for ratio, wrapper in wrappers.items():
         wrapper.counter.reset()
@@ -158,32 +158,53 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
         ideal = 1 / (1 - realised) if realised < 1 else float("inf")
         attainable = min(ideal, floor_speedup) if floor_speedup else ideal
-        speedup = _paired_speedup(times, ratio)
+        speedup = times.speedup(ratio)
         rows.append(
             {
                 "target_ratio": ratio,
                 "ratio": round(realised, 4),
-                "ms": round(median[ratio] * 1e3, 3),
+                "ms": round(times.seconds(ratio) * 1e3, 3),
                 "speedup": round(speedup, 3),
                 "ideal": round(ideal, 3),
                 "fraction_of_ideal": round(speedup / ideal, 3),
                 "attainable": round(attainable, 3),
                 "fraction_of_attainable": round(speedup / attainable, 3),
-                **({"speedup_over_loop": round(_paired_speedup(times, ratio, "loop"), 3)} if loop else {}),
+                **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
             }
         )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
-            "timed_calls": len(times["default"]), "default_ms": round(baseline * 1e3, 3),
+            "timed_calls": len(times.times["default"]), "default_ms": round(baseline * 1e3, 3),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
-            "loop_gain": round(_paired_speedup(times, "loop"), 3) if loop else None,
+            "loop_gain": round(times.speedup("loop"), 3) if loop else None,
             "rows": rows}  # fmt: skip
 
 
-def _paired_speedup(times: dict[Any, list[float]], label: Any, baseline: str = "default") -> float:
-    """Median over rounds of baseline time / ``label`` time, both taken in the same round, so
-    that a slow stretch of the machine, which hits a whole round, cancels out."""
-    return statistics.median(b / t for b, t in zip(times[baseline], times[label], strict=True))
+class Timings:
+    """Seconds of each configuration over interleaved rounds, reduced two ways.
+
+    Prefill (every draw keeps about as many rows): medians, and a speedup is the median over
+    rounds of the baseline's time over the configuration's in the same round, so a slow
+    stretch of the machine, which hits a whole round, cancels. Decode (``per_call_varies``):
+    a draw of one token can keep 0, 1 or 2 slots at a given ratio, so a median would pick a
+    typical draw, not the realised ratio; means over whole passes over the draws are used.
+    """
+
+    def __init__(self, times: dict[Any, list[float]], per_call_varies: bool):
+        self.times = times
+        self.per_call_varies = per_call_varies
+
+    def seconds(self, label: Any) -> float | None:
+        if label not in self.times:
+            return None
+        reduce = statistics.fmean if self.per_call_varies else statistics.median
+        return reduce(self.times[label])
+
+    def speedup(self, label: Any, baseline: str = "default") -> float:
+        if self.per_call_varies:
+            return sum(self.times[baseline]) / sum(self.times[label])
+        pairs = zip(self.times[baseline], self.times[label], strict=True)
+        return statistics.median(b / t for b, t in pairs)
 
 
 def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):

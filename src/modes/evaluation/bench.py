@@ -1,11 +1,11 @@
 """End-to-end latency with and without a plan: prefill time, decode tokens/s, MoE share, Amdahl bound.
 
 Times are medians over repeats after warm-up, measured side by side in one process, the
-unskipped model and the plan alternating round by round so that drift hits both alike. The
-share of time inside the experts modules is measured on the unskipped model with hooks
-(synchronous on CPU), in an extra prefill each round after warm-up (median; the first,
-cold call would bias it), and bounds the end-to-end speedup a skip ratio r can give:
-1 / ((1 - share) + share * (1 - r)).
+unskipped model and the plan alternating round by round so that drift hits both alike;
+speedups are medians of the per-round ratios. The share of time inside the experts modules
+is measured on the unskipped model with hooks (synchronous on CPU), in an extra prefill each
+round after warm-up (median; the first, cold call would bias it), and bounds the end-to-end
+speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
 """
 
 from __future__ import annotations
@@ -81,6 +81,13 @@ def _moe_share(model: Any, run: Callable[[], Any]) -> float:
     return spent[0] / total
 
 
+def _paired_speedup(samples: dict[str, dict[str, list[float]]], key: str) -> float:
+    """Median over rounds of the unskipped time over the plan's in the same round: a slow
+    stretch of the machine hits a whole round and cancels."""
+    pairs = zip(samples["unskipped"][key], samples["plan"][key], strict=True)
+    return statistics.median(unskipped / plan for unskipped, plan in pairs)
+
+
 @torch.no_grad()
 def bench(
     model: Any,
@@ -137,12 +144,12 @@ def bench(
     engine.remove(model)
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
-    prefill_speedup = rows["unskipped"]["prefill_s"] / rows["plan"]["prefill_s"]
+    prefill_speedup = _paired_speedup(samples, "prefill")
     return {
         **rows,
         "moe_share_of_prefill": share,
         "prefill_speedup": prefill_speedup,
-        "decode_speedup": rows["plan"]["decode_tokens_per_s"] / rows["unskipped"]["decode_tokens_per_s"],
+        "decode_speedup": _paired_speedup(samples, "step"),
         "amdahl_bound": amdahl,
         "prefill_fraction_of_bound": prefill_speedup / amdahl,
         "batch": batch,

@@ -103,14 +103,18 @@ class ColdTimer:
 
     def interleaved(self, calls: dict[Any, Any], number: int) -> dict[Any, list[float]]:
         """Times of each of ``calls`` over ``number`` rounds, one call of each per round in turn,
-        so that drift of the machine hits all alike; warm-up excluded."""
+        so that drift of the machine hits all alike; warm-up excluded. Each round starts one
+        call further along, so no call always follows the same one (what a call leaves behind,
+        such as freed buffers, would otherwise bias the next)."""
         for call in calls.values():
             for draw in self.draws[:2]:
                 call(*draw)
-        times: dict[Any, list[float]] = {label: [] for label in calls}
+        labels = list(calls)
+        times: dict[Any, list[float]] = {label: [] for label in labels}
         for n in range(number):
-            for label, call in calls.items():
-                times[label].append(self.seconds(call, n))
+            shift = n % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                times[label].append(self.seconds(calls[label], n))
         return times
 
 

@@ -133,6 +133,33 @@ def _timed_calls(tokens: int, repeats: int) -> int:
     return repeats if tokens >= 64 else max(repeats, 4) * DRAWS
 
 
+class Timings:
+    """Seconds of each configuration over interleaved rounds, reduced two ways.
+
+    Prefill (every draw keeps about as many rows): medians, and a speedup is the median over
+    rounds of the baseline's time over the configuration's in the same round, so a slow
+    stretch of the machine, which hits a whole round, cancels. Decode (``per_call_varies``):
+    a draw of one token can keep 0, 1 or 2 slots at a given ratio, so a median would pick a
+    typical draw, not the realised ratio; means over whole passes over the draws are used.
+    """
+
+    def __init__(self, times: dict[Any, list[float]], per_call_varies: bool):
+        self.times = times
+        self.per_call_varies = per_call_varies
+
+    def seconds(self, label: Any) -> float | None:
+        if label not in self.times:
+            return None
+        reduce = statistics.fmean if self.per_call_varies else statistics.median
+        return reduce(self.times[label])
+
+    def speedup(self, label: Any, baseline: str = "default") -> float:
+        if self.per_call_varies:
+            return sum(self.times[baseline]) / sum(self.times[label])
+        pairs = zip(self.times[baseline], self.times[label], strict=True)
+        return statistics.median(b / t for b, t in pairs)
+
+
 @torch.no_grad()
 def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict:
     experts, draws, context = _setup(name, dtype, tokens)
@@ -147,7 +174,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         for ratio in RATIOS
     }
     calls = {"default": experts, **wrappers}
-    if tokens >= 64:  # prefill: every expert keeps rows, so reading all its weights bounds the time
+    if tokens >= 64:  # prefill: every expert keeps rows, so the kernel's one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
@@ -182,33 +209,6 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
             "rows": rows}  # fmt: skip
-
-
-class Timings:
-    """Seconds of each configuration over interleaved rounds, reduced two ways.
-
-    Prefill (every draw keeps about as many rows): medians, and a speedup is the median over
-    rounds of the baseline's time over the configuration's in the same round, so a slow
-    stretch of the machine, which hits a whole round, cancels. Decode (``per_call_varies``):
-    a draw of one token can keep 0, 1 or 2 slots at a given ratio, so a median would pick a
-    typical draw, not the realised ratio; means over whole passes over the draws are used.
-    """
-
-    def __init__(self, times: dict[Any, list[float]], per_call_varies: bool):
-        self.times = times
-        self.per_call_varies = per_call_varies
-
-    def seconds(self, label: Any) -> float | None:
-        if label not in self.times:
-            return None
-        reduce = statistics.fmean if self.per_call_varies else statistics.median
-        return reduce(self.times[label])
-
-    def speedup(self, label: Any, baseline: str = "default") -> float:
-        if self.per_call_varies:
-            return sum(self.times[baseline]) / sum(self.times[label])
-        pairs = zip(self.times[baseline], self.times[label], strict=True)
-        return statistics.median(b / t for b, t in pairs)
 
 
 def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):

@@ -16,7 +16,7 @@ def cell(row: dict) -> str:
     if row["target_ratio"] == 0.0:
         return f"{row['speedup']:.2f}x"
     text = f"{row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f}"
-    if row.get("attainable", row["ideal"]) < row["ideal"]:  # bound by reading expert weights
+    if row.get("attainable", row["ideal"]) < row["ideal"]:  # bound by the kernel streaming every expert once
         text += f" [{row['fraction_of_attainable']:.0%} of {row['attainable']:.1f}x]"
     return text
 

@@ -3,12 +3,14 @@
     python benchmarks/moe_block.py [--quick] [--out benchmarks/results/moe_block.json]
 
 Per shape, dtype and token count: the transformers default experts implementation with no
-skipping, then the modes wrapper at each skip ratio. Skips follow the MoDES rule (a score
-threshold on softmax-top-k router weights from a random router, alpha constant), with the
-threshold set to the score quantile that gives the ratio. Every configuration is called once
-per round, in turn, after warm-up; for prefill, times are medians over rounds and a speedup is
-the median over rounds of the default's time over the configuration's in the same round; for
-decode, whose draws keep different numbers of slots, means over whole passes (`Timings`).
+skipping, then the modes wrapper at each skip ratio, on the module's weights and (``packed_*``
+fields) with oneDNN-packed copies of them (``modes.apply(..., pack_weights=True)``). Skips
+follow the MoDES rule (a score threshold on softmax-top-k router weights from a random router,
+alpha constant), with the threshold set to the score quantile that gives the ratio. Every
+configuration is called once per round, in turn, after warm-up; for prefill, times are
+medians over rounds and a speedup is the median over rounds of the default's time over the
+configuration's in the same round; for decode, whose draws keep different numbers of slots,
+means over whole passes (`Timings`).
 
 Each timed call starts cold, as a MoE block does inside a model: the routing cycles over
 several token draws (so consecutive calls hit different experts) and a buffer twice the
@@ -34,6 +36,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from modes.engine.execute import run_expert_loop
+from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
@@ -173,11 +176,23 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         )
         for ratio in RATIOS
     }
-    calls = {"default": experts, **wrappers}
+    packed_weights = PackedExperts(experts)  # one copy shared by every ratio's wrapper
+    packed = {
+        ratio: _with_packed_weights(wrapper, packed_weights)
+        for ratio, wrapper in wrappers.items()
+        if ratio > 0
+    }
+    calls = {
+        "default": experts,
+        **wrappers,
+        **{("packed", ratio): wrapper for ratio, wrapper in packed.items()},
+    }
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernel's one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
+    # the packed loop with nothing skipped: what packing gains apart from skipping
+    calls["packed_loop"] = _loop_on_every_slot(experts, packed_weights)
     times = Timings(ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats)), tokens < 64)
     baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
     floor_speedup = times.speedup("floor") if floor else None
@@ -201,6 +216,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
                 "attainable": round(attainable, 3),
                 "fraction_of_attainable": round(speedup / attainable, 3),
                 **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
+                **(_packed_fields(times, ("packed", ratio), ideal) if ratio in packed else {}),
             }
         )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
@@ -208,7 +224,28 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
+            "packed_loop_ms": round(times.seconds("packed_loop") * 1e3, 3),
+            "packed_loop_gain": round(times.speedup("packed_loop"), 3),
             "rows": rows}  # fmt: skip
+
+
+def _with_packed_weights(wrapper: SkippingExperts, packed: PackedExperts) -> SkippingExperts:
+    """A wrapper like ``wrapper`` on ``packed`` (at ratio 0 nothing is skipped and the module
+    itself runs, packed or not, so ratio 0 gets none)."""
+    twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
+    twin.packed = packed
+    return twin
+
+
+def _packed_fields(times: Timings, label: tuple[str, float], ideal: float) -> dict:
+    speedup, over_loop = times.speedup(label), times.speedup(label, "packed_loop")
+    return {
+        "packed_ms": round(times.seconds(label) * 1e3, 3),
+        "packed_speedup": round(speedup, 3),
+        "packed_fraction_of_ideal": round(speedup / ideal, 3),
+        "packed_speedup_over_packed_loop": round(over_loop, 3),
+        "packed_fraction_of_ideal_over_packed_loop": round(over_loop / ideal, 3),
+    }
 
 
 def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):
@@ -223,11 +260,12 @@ def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):
     return lambda *_: experts(hidden, index, weights)
 
 
-def _loop_on_every_slot(experts: torch.nn.Module):
+def _loop_on_every_slot(experts: torch.nn.Module, packed: PackedExperts | None = None):
     """modes' CPU expert loop with nothing skipped: against the default, what its kernels alone
-    gain (the loop calls ATen's bf16 GEMV for single rows, where the default calls oneDNN)."""
+    gain (the loop calls ATen's bf16 GEMV for single rows, where the default calls oneDNN, and
+    oneDNN on packed weights when given them)."""
     return lambda hidden, index, weights: run_expert_loop(
-        experts, hidden, index, weights, torch.arange(index.numel())
+        experts, hidden, index, weights, torch.arange(index.numel()), packed
     )
 
 
@@ -295,7 +333,9 @@ def main() -> None:
         result = bench_case(name, dtype, tokens, 3 if args.quick else args.repeats)
         results.append(result)
         cells = "  ".join(
-            f"{r['ratio']:.2f}:{r['speedup']:.2f}x({r['fraction_of_ideal']:.0%})" for r in result["rows"]
+            f"{r['ratio']:.2f}:{r['speedup']:.2f}x({r['fraction_of_ideal']:.0%})"
+            + (f"/packed {r['packed_speedup']:.2f}x" if "packed_speedup" in r else "")
+            for r in result["rows"]
         )
         head = f"{name:18s} {result['dtype']:8s} T={tokens:<5d} default {result['default_ms']:9.2f} ms"
         print(f"{head} | {cells}", flush=True)

@@ -38,6 +38,25 @@ def loop_table(results: list[dict], ratio: float = 0.88) -> None:
               f"| {over_loop:.2f}x ({over_loop / row['ideal']:.0%}) |")  # fmt: skip
 
 
+def packed_table(results: list[dict]) -> None:
+    """With oneDNN-packed expert weights: speedup over the default at each ratio (fraction of
+    ideal), and the packed loop's own gain with nothing skipped, so skipping's share stands apart."""
+    columns = [c for c in COLUMNS if c > 0]
+    print("| shape | dtype | tokens | packed loop, every slot kept: gain | "
+          + " | ".join(f"r = {c}: vs default; vs packed loop" for c in columns) + " |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * len(columns))
+    for result in results:
+        rows = {row["target_ratio"]: row for row in result["rows"]}
+        cells = " | ".join(
+            f"{rows[c]['packed_speedup']:.2f}x ({rows[c]['packed_fraction_of_ideal']:.0%}); "
+            f"{rows[c]['packed_speedup_over_packed_loop']:.2f}x "
+            f"({rows[c]['packed_fraction_of_ideal_over_packed_loop']:.0%})"
+            for c in columns
+        )
+        print(f"| {result['shape']} | {result['dtype']} | {result['tokens']} "
+              f"| {result['packed_loop_gain']:.2f}x | {cells} |")  # fmt: skip
+
+
 def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/moe_block.json")
     data = json.loads(path.read_text())
@@ -51,6 +70,9 @@ def main() -> None:
     if any(result.get("loop_every_slot_ms") for result in data["results"]):
         print()
         loop_table(data["results"])
+    if any(result.get("packed_loop_ms") for result in data["results"]):
+        print()
+        packed_table(data["results"])
 
 
 if __name__ == "__main__":

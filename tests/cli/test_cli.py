@@ -59,11 +59,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]
 
 
-def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--pack-weights"]], ids=["plain", "packed"])
+def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options):
     out = tmp_path / "bench.json"
     args = ["bench", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1", "--out", str(out)]
+    args += options
     assert main(args) == 0
     report = json.loads(out.read_text())
+    assert report["pack_weights"] == bool(options)
     assert report["plan"]["skip_ratio"] == pytest.approx(
         1 - 1 / 8
     )  # k-reduction to 1 of 8, no special tokens

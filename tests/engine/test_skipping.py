@@ -167,13 +167,15 @@ def count_expert_rows(model, kwargs: dict) -> int:
     return counter.rows
 
 
-def assert_matches_dense_reference(model, tiny: TinyModel, plan: modes.SkipPlan, ids: torch.Tensor):
+def assert_matches_dense_reference(
+    model, tiny: TinyModel, plan: modes.SkipPlan, ids: torch.Tensor, **apply_options
+):
     """Patched logits and slot counts equal the dense reference's; returns (reference, logits)."""
     reference = DenseReference(model, tiny, plan, ids)
     with torch.no_grad():
         expected = model(**call_kwargs(tiny, ids)).logits
     reference.remove()
-    modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
+    modes.apply(model, plan, special_token_ids=[START_ID, END_ID], **apply_options)
     with torch.no_grad():
         patched = model(**call_kwargs(tiny, ids)).logits
     torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-5)
@@ -328,3 +330,29 @@ def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, 
     implementation = compacted[0].base_layer.config._experts_implementation if compacted else "eager"
     if implementation not in (None, "eager"):
         assert any(loop_chosen), "a decode-sized call should have taken the expert loop"
+
+
+@pytest.mark.parametrize("tiny", FAMILIES)
+def test_packed_weights_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny):
+    model = build(tiny)
+    ids = prompts(tiny)
+    if spec_for(model.config.model_type).dense_router:
+        with pytest.raises(ValueError, match="pack_weights does not apply to llama4_text"):
+            modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+        assert not modes.engine.is_patched(model)
+        return
+    with torch.no_grad():
+        reference = model(**call_kwargs(tiny, ids)).logits
+        reference_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+        assert torch.equal(model(**call_kwargs(tiny, ids)).logits, reference)
+        generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(generation, reference_generation)
+    modes.remove(model)
+    plan = make_plan(model, tiny, tau=MODERATE, seed=3)
+    assert_matches_dense_reference(model, tiny, plan, ids, pack_weights=True)
+    with torch.no_grad():
+        packed_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+        modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
+        unpacked_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(packed_generation, unpacked_generation)

@@ -296,7 +296,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     # flatters skipping (fewer expert weights to read per layer) beyond what real text gives
     input_ids = torch.randint(10, vocab, (args.batch, args.prompt_tokens), generator=generator)
     report = bench(
-        model, plan, input_ids, new_tokens=args.new_tokens, repeats=args.repeats, special_token_ids=special
+        model,
+        plan,
+        input_ids,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        special_token_ids=special,
+        pack_weights=args.pack_weights,
     )
     rows = [
         [
@@ -424,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--prompt-tokens", type=int, default=512)
     bench_parser.add_argument("--new-tokens", type=int, default=16)
     bench_parser.add_argument("--repeats", type=int, default=5)
+    bench_parser.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="CPU: apply the plan with oneDNN-packed expert weights (faster, a second copy in memory)",
+    )
     bench_parser.add_argument("--out", default=None)
     bench_parser.set_defaults(run=cmd_bench)
 

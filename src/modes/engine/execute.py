@@ -21,15 +21,23 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from modes.engine.packed import PackedExperts
 
 __all__ = ["run_compacted", "run_expert_loop", "run_experts", "run_masked", "run_with_sentinels"]
 
 
 def run_compacted(
-    experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    skip: torch.Tensor,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
     num_tokens, top_k = index.shape
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
@@ -37,8 +45,8 @@ def run_compacted(
         return experts(hidden, index, weights)
     if not kept.numel():  # every slot skipped
         return torch.zeros_like(hidden)
-    if _loop_is_cheaper(experts, kept.numel()):
-        return run_expert_loop(experts, hidden, index, weights, kept)
+    if packed is not None or _loop_is_cheaper(experts, kept.numel()):
+        return run_expert_loop(experts, hidden, index, weights, kept, packed)
     tokens = kept // top_k  # [N]
     rows = experts(
         hidden[tokens],  # [N, H]
@@ -58,53 +66,97 @@ def _loop_is_cheaper(experts: nn.Module, kept: int) -> bool:
 
 
 def run_expert_loop(
-    experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    kept: torch.Tensor,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
     """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to, one
     expert at a time: the same math as transformers' grouped kernel, for any experts module
-    described by ``use_experts_implementation`` (layout, bias, gate and norm flags).
+    described by ``use_experts_implementation`` (layout, bias, gate and norm flags), on the
+    module's weights or on their packed copies ``packed``.
 
-    Meant for few rows (decode), where each small op counts: rows are grouped by expert on
-    the host from one read of the slot and expert ids, and when every token keeps exactly one
-    slot there is nothing to sum, so its weighted row is its output.
+    Each small op counts when rows are few (decode): when every token keeps exactly one slot
+    there is nothing to sum, so its weighted row is its output.
     """
-    num_tokens, top_k = index.shape
+    num_tokens = index.shape[0]
     if not kept.numel():  # every slot skipped
         return torch.zeros_like(hidden)
+    groups = _group_by_expert(index, kept, few=kept.numel() <= experts.num_experts)
+    rows = hidden if groups.in_token_order(num_tokens) else hidden[groups.tokens]  # [N, H]
+    outputs, start = [], 0
+    for expert, count in groups.runs:
+        if _prefers_atens_gemv(experts, rows.dtype, count):
+            with _onednn_disabled():
+                outputs.append(_expert_mlp(experts, expert, rows[start : start + count], None))
+        else:
+            outputs.append(_expert_mlp(experts, expert, rows[start : start + count], packed))
+        start += count
+    out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
+    weighted = out_rows * weights.reshape(-1)[groups.slots].unsqueeze(1)  # [N, H]
+    if groups.one_per_token(num_tokens):
+        weighted = weighted.to(hidden.dtype)
+        if rows is hidden:
+            return weighted
+        return torch.empty_like(hidden).index_copy_(0, groups.tokens, weighted)
+    return _sum_per_token(weighted, groups.tokens, hidden)
+
+
+class _ExpertGroups(NamedTuple):
+    """Kept slots ordered by expert: ``slots`` and their ``tokens`` [N], ``runs`` of
+    (expert, rows), and ``token_ids`` on the host when they were grouped there (few rows)."""
+
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    runs: list[tuple[int, int]]
+    token_ids: list[int] | None
+
+    def in_token_order(self, num_tokens: int) -> bool:
+        return self.token_ids == list(range(num_tokens))
+
+    def one_per_token(self, num_tokens: int) -> bool:
+        ids = self.token_ids
+        return ids is not None and len(ids) == num_tokens == len(set(ids))
+
+
+def _group_by_expert(index: torch.Tensor, kept: torch.Tensor, few: bool) -> _ExpertGroups:
+    """Group the kept slots [N] by expert, stably. Few rows (decode): on the host, from one read
+    of the slot and expert ids, cheaper than a chain of small tensor ops; many rows (prefill):
+    with tensor ops, cheaper than Python over thousands of ids."""
+    top_k = index.shape[1]
+    if not few:
+        experts_of_slots, order = torch.sort(index.reshape(-1)[kept], stable=True)  # [N], [N]
+        slots = kept[order]  # [N]
+        hit, counts = torch.unique_consecutive(experts_of_slots, return_counts=True)
+        runs = list(zip(hit.tolist(), counts.tolist(), strict=True))
+        return _ExpertGroups(slots, slots // top_k, runs, None)
     slot_ids = kept.tolist()
     expert_of_slot = index.reshape(-1)[kept].tolist()
     order = sorted(range(len(slot_ids)), key=expert_of_slot.__getitem__)  # stable, by expert
     slot_ids = [slot_ids[i] for i in order]
     token_ids = [slot // top_k for slot in slot_ids]
+    runs = [(expert, len(list(run))) for expert, run in itertools.groupby(expert_of_slot[i] for i in order)]
     slots = torch.tensor(slot_ids, dtype=torch.long, device=kept.device)  # [N], grouped by expert
     tokens = torch.tensor(token_ids, dtype=torch.long, device=kept.device)  # [N]
-    rows = hidden if token_ids == list(range(num_tokens)) else hidden[tokens]  # [N, H]
-    outputs, start = [], 0
-    for expert, group in itertools.groupby(expert_of_slot[i] for i in order):
-        count = len(list(group))
-        with _fastest_cpu_kernel(experts, rows.dtype, count):
-            outputs.append(_expert_mlp(experts, expert, rows[start : start + count]))
-        start += count
-    out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
-    weighted = out_rows * weights.reshape(-1)[slots].unsqueeze(1)  # [N, H]
-    if len(token_ids) == num_tokens == len(set(token_ids)):  # one kept slot per token
-        weighted = weighted.to(hidden.dtype)
-        return weighted if rows is hidden else torch.empty_like(hidden).index_copy_(0, tokens, weighted)
-    return _sum_per_token(weighted, tokens, hidden)
+    return _ExpertGroups(slots, tokens, runs, token_ids)
+
+
+def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype, rows: int) -> bool:
+    """One bf16 row through an expert stored [out, in]: ATen's own bf16 GEMV (row . weight
+    rows) streams the weights near memory bandwidth, about twice as fast as oneDNN's M = 1 GEMM,
+    packed or not (measured in BENCHMARKS.md). Two or more rows, and weights stored [in, out]
+    (ATen's path is 8x slower there), stay with oneDNN."""
+    onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
+    return dtype == torch.bfloat16 and rows == 1 and not experts.is_transposed and onednn_in_use
 
 
 @contextlib.contextmanager
-def _fastest_cpu_kernel(experts: nn.Module, dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """One bf16 row through an expert stored [out, in]: ATen's own bf16 GEMV (row . weight
-    rows) streams the weights near memory bandwidth, about twice as fast as oneDNN's M = 1 GEMM,
-    which matmul picks while oneDNN is enabled (measured in BENCHMARKS.md). Two or more rows,
-    and weights stored [in, out] (ATen's path is 8x slower there), stay with oneDNN. The switch
-    is process-wide for the expert's duration: a bf16 matmul of another thread in that window
-    takes ATen's path too (same result up to rounding)."""
-    onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
-    if dtype != torch.bfloat16 or rows != 1 or experts.is_transposed or not onednn_in_use:
-        yield
-        return
+def _onednn_disabled() -> Iterator[None]:
+    """oneDNN off for one expert, so matmul takes ATen's kernels. The switch is process-wide: a
+    bf16 matmul of another thread in that window takes ATen's path too (same result up to
+    rounding)."""
     torch.backends.mkldnn.enabled = False
     try:
         yield
@@ -120,22 +172,27 @@ def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tenso
     return out.index_add_(0, tokens, rows.float()).to(hidden.dtype)
 
 
-def _expert_mlp(experts: nn.Module, expert: int, rows: torch.Tensor) -> torch.Tensor:
-    """One expert on ``rows`` [n, H] -> [n, H], unweighted."""
+def _expert_mlp(
+    experts: nn.Module, expert: int, rows: torch.Tensor, packed: PackedExperts | None
+) -> torch.Tensor:
+    """One expert on ``rows`` [n, H] -> [n, H], unweighted, on its packed weights if given."""
     if experts.has_gate:
-        up = _project(experts, rows, experts.gate_up_proj[expert], "gate_up_proj_bias", expert)
-        up = experts._apply_gate(up)
+        up = experts._apply_gate(_project(experts, rows, "gate_up_proj", expert, packed))
     else:
-        up = experts.act_fn(_project(experts, rows, experts.up_proj[expert], "up_proj_bias", expert))
-    down = _project(experts, up, experts.down_proj[expert], "down_proj_bias", expert)
+        up = experts.act_fn(_project(experts, rows, "up_proj", expert, packed))
+    down = _project(experts, up, "down_proj", expert, packed)
     return experts.post_expert_norm(down) if experts.has_post_expert_norm else down
 
 
 def _project(
-    experts: nn.Module, rows: torch.Tensor, weight: torch.Tensor, bias: str, expert: int
+    experts: nn.Module, rows: torch.Tensor, name: str, expert: int, packed: PackedExperts | None
 ) -> torch.Tensor:
-    out = rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
-    return out + getattr(experts, bias)[expert] if experts.has_bias else out
+    weight = getattr(experts, name)[expert]
+    if packed is not None:
+        out = packed.linear(name, expert, rows)
+    else:
+        out = rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
+    return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
 
 
 def run_with_sentinels(
@@ -157,8 +214,12 @@ def run_experts(
     weights: torch.Tensor,
     skip: torch.Tensor,
     eager_accepts_sentinel: bool = True,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
-    """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots."""
+    """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots,
+    on the packed weights ``packed`` whatever the module's implementation, when they still fit."""
+    if packed is not None and packed.usable_for(hidden):
+        return run_compacted(experts, hidden, index, weights, skip, packed)
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager")
     if implementation in (None, "eager"):
         runner = run_with_sentinels if eager_accepts_sentinel else run_masked

@@ -140,18 +140,27 @@ def apply(
     special_token_ids: Iterable[int] | None = None,
     *,
     rule_factory: RuleFactory | None = None,
+    pack_weights: bool = False,
 ) -> nn.Module:
     """Patch ``model`` in place so that the slots ``plan`` skips are never computed.
 
     ``special_token_ids`` (e.g. ``tokenizer.all_special_ids``) are never skipped; the config's
     media start/end ids always count as special. ``rule_factory(layer)`` replaces the MoDES rule
-    (used by baselines); a plan is then optional. Applying again replaces the previous patch.
+    (used by baselines); a plan is then optional. ``pack_weights`` (CPU, bf16 or fp32) keeps a
+    oneDNN-packed copy of every routed expert's weights, so calls that skip something run
+    faster at the cost of that much memory (`PackedExperts`). Applying again replaces the
+    previous patch.
     """
     if plan is None and rule_factory is None:
         raise ValueError("modes.apply needs a SkipPlan (or a rule_factory)")
+    spec = spec_for(model.config.model_type)
+    if pack_weights and spec.dense_router:
+        raise ValueError(
+            f"pack_weights does not apply to {model.config.model_type}: its experts compute every "
+            "expert (skipping there saves no compute); apply without pack_weights=True"
+        )
     if is_patched(model):
         remove(model)
-    spec = spec_for(model.config.model_type)
     sites = find_moe_sites(model, spec)
     if plan is not None:
         plan.check_fits(model_info(model))
@@ -159,7 +168,7 @@ def apply(
     context = TokenContext.for_model(model.config, spec, special_token_ids)
     scale = _routed_scale(model, spec)
     renormalize = bool(plan.renormalize) if plan is not None else False
-    wrappers = []
+    wrappers = []  # built before any is installed, so an error leaves the model untouched
     for site in sites:
         common = dict(
             layer=site.layer,
@@ -173,10 +182,14 @@ def apply(
             wrapper = SkippingDenseRouter(site.module, **common)
         else:
             wrapper = SkippingExperts(
-                site.module, eager_accepts_sentinel=spec.eager_accepts_sentinel, **common
+                site.module,
+                eager_accepts_sentinel=spec.eager_accepts_sentinel,
+                pack_weights=pack_weights,
+                **common,
             )
-        setattr(site.parent, site.attr, wrapper)
         wrappers.append(wrapper)
+    for site, wrapper in zip(sites, wrappers, strict=True):
+        setattr(site.parent, site.attr, wrapper)
     hooks = [
         model.register_forward_pre_hook(_context_hook(context), with_kwargs=True),
         model.register_forward_hook(lambda *_: context.clear(), always_call=True),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from modes.engine.execute import run_experts
+from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing, SkipRule
 from modes.engine.tokens import NUM_CODES, CallTokens, TokenContext
 
@@ -86,16 +87,19 @@ class _Skipping(nn.Module):
 class SkippingExperts(_Skipping):
     """Wraps an experts module called as ``experts(hidden [T, H], index [T, k], weights [T, k])``."""
 
-    def __init__(self, *args, eager_accepts_sentinel: bool = True, **kwargs):
+    def __init__(self, *args, eager_accepts_sentinel: bool = True, pack_weights: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.eager_accepts_sentinel = eager_accepts_sentinel
+        self.packed = PackedExperts(self.base_layer) if pack_weights else None
 
     def forward(
         self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
     ) -> torch.Tensor:
         index, weights = _routing_arguments(routing, named)
         skip, weights = self.decide(hidden_states, index, weights)
-        return run_experts(self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel)
+        return run_experts(
+            self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel, self.packed
+        )
 
 
 class SkippingDenseRouter(_Skipping):

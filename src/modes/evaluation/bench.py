@@ -97,8 +97,10 @@ def bench(
     repeats: int = 5,
     warmup: int = 1,
     special_token_ids: list[int] | None = None,
+    pack_weights: bool = False,
 ) -> dict[str, Any]:
-    """Prefill seconds and cached decode tokens/s for ``input_ids`` [B, L], without and with ``plan``."""
+    """Prefill seconds and cached decode tokens/s for ``input_ids`` [B, L], without and with
+    ``plan`` (applied with ``pack_weights``, see `modes.apply`)."""
     batch = input_ids.shape[0]
 
     def prefill() -> Any:
@@ -123,7 +125,7 @@ def bench(
             shares.append(_moe_share(model, prefill))
         for label in LABELS:
             if label == "plan":
-                engine.apply(model, plan, special_token_ids)
+                engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
             start = time.perf_counter()
             prefill()
             prefill_s = time.perf_counter() - start
@@ -137,7 +139,7 @@ def bench(
     for label in LABELS:
         prefill_s, step_s = (statistics.median(samples[label][key]) for key in ("prefill", "step"))
         rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
-    engine.apply(model, plan, special_token_ids)
+    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
     engine.reset_stats(model)
     prefill()
     rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
@@ -155,4 +157,5 @@ def bench(
         "batch": batch,
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": new_tokens,
+        "pack_weights": pack_weights,
     }

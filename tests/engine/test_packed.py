@@ -1,0 +1,100 @@
+"""Packed expert weights compute what transformers' own kernels compute, for every layout
+``use_experts_implementation`` describes, in both dtypes, on few rows (decode) and many."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts_layouts import LAYOUTS, SMALL, build_experts, routing
+from modes.engine.execute import run_experts
+from modes.engine.packed import PackedExperts
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
+    """Skip mask [T, k]: every slot but each token's first, and token 0 entirely."""
+    skip = torch.ones_like(index, dtype=torch.bool)
+    skip[1:, 0] = False
+    return skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [3, 40])  # fewer kept rows than experts (decode), and more
+@pytest.mark.parametrize(("model_type", "class_name"), LAYOUTS, ids=[m for m, _ in LAYOUTS])
+def test_packed_weights_give_the_grouped_kernels_result(model_type, class_name, tokens, dtype):
+    experts = build_experts(model_type, class_name, "grouped_mm").to(dtype)
+    hidden, index, weights = routing(experts, tokens=tokens)
+    hidden, weights = hidden.to(dtype), weights.to(dtype)
+    skip = keep_first_slot_of_most_tokens(index)
+    expected = experts(hidden, index, weights.masked_fill(skip, 0))
+    got = run_experts(experts, hidden, index, weights, skip, packed=PackedExperts(experts))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+def test_a_call_that_skips_nothing_runs_the_module_itself():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
+    hidden, index, weights = routing(experts, tokens=40)
+    skip = torch.zeros_like(index, dtype=torch.bool)
+    got = run_experts(experts, hidden, index, weights, skip, packed=PackedExperts(experts))
+    assert torch.equal(got, experts(hidden, index, weights))
+
+
+def test_eager_modules_use_the_packed_weights_too():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "eager")
+    hidden, index, weights = routing(experts, tokens=40)
+    skip = keep_first_slot_of_most_tokens(index)
+    packed = PackedExperts(experts)
+    calls = []
+    linear = packed.linear
+    packed.linear = lambda *args: calls.append(args[:2]) or linear(*args)
+    got = run_experts(experts, hidden, index, weights, skip, packed=packed)
+    expected = experts(hidden, index, weights.masked_fill(skip, 0))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert {name for name, _ in calls} == {"gate_up_proj", "down_proj"}
+
+
+def test_weights_changed_after_packing_fall_back_to_the_module():
+    """A model cast to another dtype after `apply` no longer matches its packed copy."""
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
+    packed = PackedExperts(experts)
+    experts.to(torch.bfloat16)
+    hidden, index, weights = routing(experts, tokens=40)
+    hidden, weights = hidden.bfloat16(), weights.bfloat16()
+    assert not packed.usable_for(hidden)
+    skip = keep_first_slot_of_most_tokens(index)
+    got = run_experts(experts, hidden, index, weights, skip, packed=packed)
+    expected = experts(hidden, index, weights.masked_fill(skip, 0))
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_single_bf16_rows_still_take_atens_gemv():
+    """Packed or not, one bf16 row through [out, in] weights is faster with oneDNN off."""
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
+    packed = PackedExperts(experts)
+    seen = []
+    apply_gate = experts._apply_gate
+    experts._apply_gate = lambda up: seen.append(torch.backends.mkldnn.enabled) or apply_gate(up)
+    hidden = torch.randn(3, SMALL["hidden_size"]).bfloat16()
+    index = torch.tensor([[0, 3], [2, 4], [2, 5]])
+    skip = torch.tensor([[False, True]] * 3)  # expert 0 keeps one row, expert 2 two
+    run_experts(experts, hidden, index, torch.rand(3, 2).bfloat16(), skip, packed=packed)
+    assert seen == [False, True]
+    assert torch.backends.mkldnn.enabled
+
+
+def test_packing_needs_structured_experts_on_cpu_in_bf16_or_fp32():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
+    with pytest.raises(ValueError, match=r"bfloat16 and float32 experts, not torch\.float16"):
+        PackedExperts(experts.half())
+    with pytest.raises(ValueError, match="use_experts_implementation; Linear is not"):
+        PackedExperts(torch.nn.Linear(2, 2))
+
+
+def test_packed_copies_cost_what_the_expert_weights_weigh():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
+    weights = experts.gate_up_proj.numel() + experts.down_proj.numel()
+    assert PackedExperts(experts).nbytes >= weights * 4

@@ -6,7 +6,8 @@ All 128 experts of a Qwen3-VL-30B-A3B layer, stored as transformers stores them 
 gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in bf16), are
 streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
-picks by default) and disabled (ATen's own kernels). The passes are interleaved round by
+picks by default) and disabled (ATen's own kernels), and by oneDNN on weights packed once
+(``modes.apply(..., pack_weights=True)``). The passes are interleaved round by
 round; medians after one warm-up round. This explains the block benchmark: the bf16 GEMV
 choice of modes' expert loop, and why prefill with a few kept rows per expert cannot reach
 the ideal speedup here (the kernel, not the memory, bounds it).
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from modes.engine.packed import pack_weight, packed_linear
 
 EXPERTS, OUT, IN = 128, 2304, 2048  # Qwen3-VL-30B-A3B: 2 x 768 gate_up + 768 down, hidden 2048
 ROWS = (1, 2, 4, 8, 16)
@@ -44,10 +47,20 @@ def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
 
         return run
 
+    packed_weights = [pack_weight(weights[expert]) for expert in range(EXPERTS)]
+
+    def packed(rows: int) -> Callable[[], object]:
+        def run() -> None:
+            for weight in packed_weights:
+                packed_linear(inputs[rows], weight)
+
+        return run
+
     passes: dict[str, Callable[[], object]] = {"sum": weights.sum}
     for rows in ROWS:
         passes[f"M={rows} oneDNN"] = linear(rows, onednn=True)
         passes[f"M={rows} ATen"] = linear(rows, onednn=False)
+        passes[f"M={rows} packed"] = packed(rows)
     return passes
 
 

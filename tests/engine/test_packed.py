@@ -92,6 +92,8 @@ def test_packing_needs_structured_experts_on_cpu_in_bf16_or_fp32():
         PackedExperts(experts.half())
     with pytest.raises(ValueError, match="use_experts_implementation; Linear is not"):
         PackedExperts(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="CPU option and the experts are on meta"):
+        PackedExperts(experts.to("meta"))
 
 
 def test_packed_copies_cost_what_the_expert_weights_weigh():

@@ -356,3 +356,13 @@ def test_packed_weights_keep_zero_thresholds_bit_identical_and_match_the_referen
         modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
         unpacked_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
     assert torch.equal(packed_generation, unpacked_generation)
+
+
+def test_a_model_that_cannot_be_packed_is_left_untouched():
+    tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
+    model = build(tiny).half()
+    originals = [module for name, module in model.named_modules() if name.endswith("experts")]
+    with pytest.raises(ValueError, match=r"not torch\.float16: apply without pack_weights=True"):
+        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+    assert not modes.engine.is_patched(model)
+    assert [module for name, module in model.named_modules() if name.endswith("experts")] == originals

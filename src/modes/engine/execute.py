@@ -9,7 +9,9 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
   unchanged (no overhead, bit-identical). On CPU, a call left with fewer kept rows than
   experts (decode) runs a loop over the experts hit instead (`run_expert_loop`), which sends
-  a single bf16 row through ATen's GEMV rather than oneDNN.
+  a single bf16 row through ATen's GEMV rather than oneDNN. With expert weights packed for
+  oneDNN (`PackedExperts`, opt-in), every CPU call that skips something runs that loop on the
+  packed weights, whatever the implementation.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -122,16 +124,22 @@ class _ExpertGroups(NamedTuple):
 
 
 def _group_by_expert(index: torch.Tensor, kept: torch.Tensor, few: bool) -> _ExpertGroups:
-    """Group the kept slots [N] by expert, stably. Few rows (decode): on the host, from one read
-    of the slot and expert ids, cheaper than a chain of small tensor ops; many rows (prefill):
-    with tensor ops, cheaper than Python over thousands of ids."""
+    """Group the kept slots [N] by expert, stably: for few rows (decode) on the host, from one
+    read of the slot and expert ids, cheaper than a chain of small tensor ops; for many rows
+    (prefill) with tensor ops, cheaper than Python over thousands of ids."""
+    return _group_on_host(index, kept) if few else _group_with_tensor_ops(index, kept)
+
+
+def _group_with_tensor_ops(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
+    experts_of_slots, order = torch.sort(index.reshape(-1)[kept], stable=True)  # [N], [N]
+    slots = kept[order]  # [N], grouped by expert
+    hit, counts = torch.unique_consecutive(experts_of_slots, return_counts=True)  # [X], [X]
+    runs = list(zip(hit.tolist(), counts.tolist(), strict=True))
+    return _ExpertGroups(slots, slots // index.shape[1], runs, None)
+
+
+def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
     top_k = index.shape[1]
-    if not few:
-        experts_of_slots, order = torch.sort(index.reshape(-1)[kept], stable=True)  # [N], [N]
-        slots = kept[order]  # [N]
-        hit, counts = torch.unique_consecutive(experts_of_slots, return_counts=True)
-        runs = list(zip(hit.tolist(), counts.tolist(), strict=True))
-        return _ExpertGroups(slots, slots // top_k, runs, None)
     slot_ids = kept.tolist()
     expert_of_slot = index.reshape(-1)[kept].tolist()
     order = sorted(range(len(slot_ids)), key=expert_of_slot.__getitem__)  # stable, by expert

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PackedExperts"]
+__all__ = ["PackedExperts", "pack_weight", "packed_linear"]
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 BATCH_HINT = 16  # rows per GEMM oneDNN picks the blocked layout for; 1-128 measured alike
@@ -36,7 +36,7 @@ class PackedExperts:
 
     def linear(self, name: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` [n, in] times expert ``expert``'s packed ``name`` weight -> [n, out], no bias."""
-        return torch.ops.mkldnn._linear_pointwise(rows, self.weights[name][expert], None, "none", [], "")
+        return packed_linear(rows, self.weights[name][expert])
 
     @property
     def nbytes(self) -> int:
@@ -45,10 +45,19 @@ class PackedExperts:
         return sum(weight.numel() * weight.element_size() for weight in packed)
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight [out, in], reordered once into oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+
+
+def packed_linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``rows`` [n, in] times a weight packed by `pack_weight` -> [n, out] (``F.linear``, no bias)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+
 def _pack(experts: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """One expert's weight, [out, in] or [in, out] as the module stores it, packed as [out, in]."""
-    plain = weight.detach().T if experts.is_transposed else weight.detach()
-    return torch.ops.mkldnn._reorder_linear_weight(plain.contiguous(), BATCH_HINT)
+    return pack_weight(weight.T if experts.is_transposed else weight)
 
 
 def _check_packable(experts: nn.Module) -> None:

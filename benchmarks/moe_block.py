@@ -177,7 +177,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         for ratio in RATIOS
     }
     packed_weights = PackedExperts(experts)  # one copy shared by every ratio's wrapper
-    packed = {
+    packed = {  # at ratio 0 nothing is skipped and the module itself runs, packed or not
         ratio: _with_packed_weights(wrapper, packed_weights)
         for ratio, wrapper in wrappers.items()
         if ratio > 0
@@ -230,8 +230,8 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
 
 
 def _with_packed_weights(wrapper: SkippingExperts, packed: PackedExperts) -> SkippingExperts:
-    """A wrapper like ``wrapper`` on ``packed`` (at ratio 0 nothing is skipped and the module
-    itself runs, packed or not, so ratio 0 gets none)."""
+    """A wrapper with ``wrapper``'s rule on the shared ``packed`` weights (``pack_weights=True``
+    would pack a copy per wrapper, one per ratio)."""
     twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
     twin.packed = packed
     return twin

@@ -1,4 +1,5 @@
-"""Render `benchmarks/results/moe_block.json` as the Markdown table in BENCHMARKS.md.
+"""Render a block benchmark's JSON (`benchmarks/results/moe_block*.json`) as the Markdown
+tables in BENCHMARKS.md: speedups, then the decode loop's and the packed path's kernel gains.
 
 python benchmarks/table.py [benchmarks/results/moe_block.json]
 """

@@ -23,14 +23,32 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-from modes.engine.packed import PackedExperts
+if TYPE_CHECKING:  # packed.py imports this module
+    from modes.engine.packed import PackedExperts
 
-__all__ = ["run_compacted", "run_expert_loop", "run_experts", "run_masked", "run_with_sentinels"]
+__all__ = [
+    "is_experts_module",
+    "run_compacted",
+    "run_expert_loop",
+    "run_experts",
+    "run_masked",
+    "run_with_sentinels",
+]
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Structural check for transformers' experts modules (`use_experts_implementation`), whose
+    layout flags (gate, transposed, bias, norm) `run_expert_loop` is written against."""
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "_is_expert_parallel")
+        and hasattr(module, "num_experts")
+    )
 
 
 def run_compacted(
@@ -62,9 +80,8 @@ def _loop_is_cheaper(experts: nn.Module, kept: int) -> bool:
     """On CPU, when skipping left fewer rows than experts (decode): grouped kernels there
     visit every expert, even empty ones (about 10 us each), while the loop visits only the
     experts hit, with fewer small ops per expert than the families' eager loops."""
-    structured = hasattr(experts, "has_gate")  # described by transformers' use_experts_implementation
     on_cpu = next(experts.parameters()).device.type == "cpu"
-    return structured and on_cpu and kept <= experts.num_experts
+    return is_experts_module(experts) and on_cpu and kept <= experts.num_experts
 
 
 def run_expert_loop(
@@ -195,10 +212,10 @@ def _expert_mlp(
 def _project(
     experts: nn.Module, rows: torch.Tensor, name: str, expert: int, packed: PackedExperts | None
 ) -> torch.Tensor:
-    weight = getattr(experts, name)[expert]
     if packed is not None:
         out = packed.linear(name, expert, rows)
     else:
+        weight = getattr(experts, name)[expert]
         out = rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
     return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
 

@@ -3,7 +3,8 @@
 A plain weight handed to oneDNN is reordered into its blocked layout on every GEMM call, so a
 GEMM of a few rows streams the weights at a fraction of what the memory delivers. Packing each
 expert's weights once, when the model is patched, removes that reorder: a few-row GEMM then
-runs 1.4-4x faster on the CPU of BENCHMARKS.md, bit-identical in bf16. The price is a second
+streams its weights 1.3-3.3x faster on the CPU of BENCHMARKS.md, with oneDNN's own results
+(bit-identical in bf16 in our checks). The price is a second
 copy of every routed expert's weights, so it is opt-in (``modes.apply(..., pack_weights=True)``).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from modes.engine.execute import is_experts_module
 
 __all__ = ["PackedExperts", "pack_weight", "packed_linear"]
 
@@ -63,7 +66,7 @@ def _pack(experts: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def _check_packable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot be packed, and what to do instead."""
     fix = "apply without pack_weights=True"
-    if not hasattr(experts, "has_gate"):
+    if not is_experts_module(experts):
         raise ValueError(
             f"pack_weights needs experts described by transformers' use_experts_implementation; "
             f"{type(experts).__name__} is not: {fix}"

@@ -12,6 +12,7 @@ from torch import nn
 
 from modes.adapters.registry import ModelSpec, UnsupportedModelError, spec_for
 from modes.engine.attention import AttentionProbe
+from modes.engine.execute import is_experts_module
 from modes.engine.policies import rule_for
 from modes.engine.rule import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
@@ -62,22 +63,13 @@ class _Patch:
     probe: AttentionProbe | None = None
 
 
-def _is_experts_module(module: nn.Module) -> bool:
-    """Structural check for transformers' experts modules (`use_experts_implementation`)."""
-    return (
-        hasattr(module, "has_gate")
-        and hasattr(module, "_is_expert_parallel")
-        and hasattr(module, "num_experts")
-    )
-
-
 def _is_dense_router(module: nn.Module) -> bool:
     return hasattr(module, "top_k") and hasattr(module, "num_experts") and isinstance(module, nn.Linear)
 
 
 def find_moe_sites(model: nn.Module, spec: ModelSpec) -> list[MoESite]:
     """The experts modules (or dense routers) of the language model, with their layer index."""
-    matches = _is_dense_router if spec.dense_router else _is_experts_module
+    matches = _is_dense_router if spec.dense_router else is_experts_module
     sites = []
     for name, module in model.named_modules():
         if not matches(module) or isinstance(module, _Skipping):

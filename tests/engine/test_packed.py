@@ -64,11 +64,26 @@ def test_weights_changed_after_packing_fall_back_to_the_module():
     experts.to(torch.bfloat16)
     hidden, index, weights = routing(experts, tokens=40)
     hidden, weights = hidden.bfloat16(), weights.bfloat16()
-    assert not packed.usable_for(hidden)
+    assert not packed.usable_for(experts, hidden)
     skip = keep_first_slot_of_most_tokens(index)
     got = run_experts(experts, hidden, index, weights, skip, packed=packed)
     expected = experts(hidden, index, weights.masked_fill(skip, 0))
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_weights_loaded_after_packing_are_the_ones_used():
+    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
+    packed = PackedExperts(experts)
+    hidden, index, weights = routing(experts, tokens=40)
+    assert packed.usable_for(experts, hidden)
+    experts.load_state_dict(
+        {name: tensor.flip(0) for name, tensor in experts.state_dict().items()}
+    )  # experts reordered
+    assert not packed.usable_for(experts, hidden)
+    skip = keep_first_slot_of_most_tokens(index)
+    got = run_experts(experts, hidden, index, weights, skip, packed=packed)
+    expected = experts(hidden, index, weights.masked_fill(skip, 0))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_single_bf16_rows_still_take_atens_gemv():

@@ -243,7 +243,7 @@ def run_experts(
 ) -> torch.Tensor:
     """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots,
     on the packed weights ``packed`` whatever the module's implementation, when they still fit."""
-    if packed is not None and packed.usable_for(hidden):
+    if packed is not None and packed.usable_for(experts, hidden):
         return run_compacted(experts, hidden, index, weights, skip, packed)
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager")
     if implementation in (None, "eager"):

@@ -24,8 +24,8 @@ BATCH_HINT = 16  # rows per GEMM oneDNN picks the blocked layout for; 1-128 meas
 class PackedExperts:
     """Each expert's projection weights of one experts module, packed for oneDNN's CPU GEMM.
 
-    Holds copies: a later change to the module's weights (loading, ``.to()``) is not seen;
-    calls then fall back to the module's own weights when dtype or device no longer match.
+    Holds copies, so it remembers what it copied: once the module's weights change (loaded or
+    updated in place, cast, moved), calls fall back to the module's own weights.
     """
 
     def __init__(self, experts: nn.Module):
@@ -33,9 +33,13 @@ class PackedExperts:
         self.dtype = next(experts.parameters()).dtype
         names = ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
         self.weights = {name: [_pack(experts, weight) for weight in getattr(experts, name)] for name in names}
+        self.versions = {name: getattr(experts, name)._version for name in names}  # bumped by in-place writes
 
-    def usable_for(self, hidden: torch.Tensor) -> bool:
-        return hidden.dtype == self.dtype and hidden.device.type == "cpu" and torch.backends.mkldnn.enabled
+    def usable_for(self, experts: nn.Module, hidden: torch.Tensor) -> bool:
+        """Whether the packed copies still hold ``experts``' weights for ``hidden``'s dtype on CPU."""
+        unchanged = all(getattr(experts, name)._version == version for name, version in self.versions.items())
+        on_cpu = hidden.device.type == "cpu" and torch.backends.mkldnn.enabled
+        return unchanged and on_cpu and hidden.dtype == self.dtype
 
     def linear(self, name: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` [n, in] times expert ``expert``'s packed ``name`` weight -> [n, out], no bias."""

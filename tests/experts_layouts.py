@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 from transformers import AutoConfig
 
-__all__ = ["LAYOUTS", "SMALL", "build_experts", "routing"]
+from modes.engine import execute
+
+__all__ = ["LAYOUTS", "SMALL", "build_experts", "record_projections", "routing"]
 
 SMALL = dict(
     hidden_size=32,
@@ -55,3 +58,16 @@ def routing(experts: torch.nn.Module, tokens: int = 5, top_k: int = 2):
     )
     weights = torch.rand(tokens, top_k, generator=generator)
     return hidden, index, weights
+
+
+def record_projections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """Record, for each expert projection the CPU loop runs: (oneDNN enabled, packed weights)."""
+    seen: list[tuple[bool, bool]] = []
+    project = execute._project
+
+    def recording(experts, rows, name, expert, packed):
+        seen.append((torch.backends.mkldnn.enabled, packed is not None))
+        return project(experts, rows, name, expert, packed)
+
+    monkeypatch.setattr(execute, "_project", recording)
+    return seen

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, SMALL, build_experts, routing
+from experts_layouts import LAYOUTS, SMALL, build_experts, record_projections, routing
+from modes.engine import execute
 from modes.engine.execute import run_compacted, run_expert_loop
 
 
@@ -46,47 +47,37 @@ def test_one_kept_slot_per_token_needs_no_sum(model_type, class_name, tokens):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _onednn_state_per_expert_call(experts: torch.nn.Module) -> list[bool]:
-    """Record whether oneDNN was enabled each time the loop applied an expert's gate."""
-    seen: list[bool] = []
-    apply_gate = experts._apply_gate
-
-    def recording(up: torch.Tensor) -> torch.Tensor:
-        seen.append(torch.backends.mkldnn.enabled)
-        return apply_gate(up)
-
-    experts._apply_gate = recording
-    return seen
-
-
 @pytest.mark.parametrize(("model_type", "class_name", "dtype", "rows_per_expert", "onednn"), [
     ("qwen3_moe", "Qwen3MoeExperts", torch.bfloat16, 1, False),  # [out, in]: ATen's GEMV
     ("qwen3_moe", "Qwen3MoeExperts", torch.bfloat16, 2, True),
     ("qwen3_moe", "Qwen3MoeExperts", torch.float32, 1, True),
     ("gpt_oss", "GptOssExperts", torch.bfloat16, 1, True),  # [in, out]: ATen's path is slower
 ])  # fmt: skip
-def test_single_bf16_rows_leave_onednn_for_atens_gemv(model_type, class_name, dtype, rows_per_expert, onednn):
+def test_single_bf16_rows_leave_onednn_for_atens_gemv(
+    model_type, class_name, dtype, rows_per_expert, onednn, monkeypatch
+):
     experts = build_experts(model_type, class_name, "grouped_mm").to(dtype)
     tokens = 3 * rows_per_expert
     hidden = torch.randn(tokens, SMALL["hidden_size"], generator=torch.Generator().manual_seed(2)).to(dtype)
     index = torch.arange(3).repeat_interleave(rows_per_expert).unsqueeze(1)  # [T, 1]: 3 experts
     weights = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(3)).to(dtype)
     expected = experts(hidden, index, weights)
-    seen = _onednn_state_per_expert_call(experts)
+    seen = record_projections(monkeypatch)
     got = run_expert_loop(experts, hidden, index, weights, torch.arange(tokens))
-    assert seen == [onednn] * 3
+    assert seen == [(onednn, False)] * 6  # 3 experts, 2 projections each
     assert torch.backends.mkldnn.enabled  # restored
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_onednn_is_restored_when_an_expert_fails():
+def test_onednn_is_restored_when_an_expert_fails(monkeypatch):
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
     hidden, index, weights = routing(experts, tokens=1)
 
-    def failing(up: torch.Tensor) -> torch.Tensor:
+    def failing(*args, **kwargs) -> torch.Tensor:
+        assert not torch.backends.mkldnn.enabled  # failing inside the window
         raise RuntimeError("expert failed")
 
-    experts._apply_gate = failing
+    monkeypatch.setattr(execute, "_project", failing)
     with pytest.raises(RuntimeError, match="expert failed"):
         run_expert_loop(experts, hidden.bfloat16(), index, weights.bfloat16(), torch.tensor([0]))
     assert torch.backends.mkldnn.enabled

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, SMALL, build_experts, routing
+from experts_layouts import LAYOUTS, SMALL, build_experts, record_projections, routing
 from modes.engine.execute import run_experts
 from modes.engine.packed import PackedExperts
 
@@ -82,18 +82,17 @@ def test_weights_changed_after_packing_fall_back_to_the_module(change):
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
 
 
-def test_single_bf16_rows_still_take_atens_gemv():
+def test_single_bf16_rows_still_take_atens_gemv(monkeypatch):
     """Packed or not, one bf16 row through [out, in] weights is faster with oneDNN off."""
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
     packed = PackedExperts(experts)
-    seen = []
-    apply_gate = experts._apply_gate
-    experts._apply_gate = lambda up: seen.append(torch.backends.mkldnn.enabled) or apply_gate(up)
+    seen = record_projections(monkeypatch)
     hidden = torch.randn(3, SMALL["hidden_size"]).bfloat16()
     index = torch.tensor([[0, 3], [2, 4], [2, 5]])
     skip = torch.tensor([[False, True]] * 3)  # expert 0 keeps one row, expert 2 two
     run_experts(experts, hidden, index, torch.rand(3, 2).bfloat16(), skip, packed=packed)
-    assert seen == [False, True]
+    one_row, two_rows = (False, False), (True, True)  # (oneDNN on, packed weights)
+    assert seen == [one_row, two_rows] * 2  # gate-up projections, then down
     assert torch.backends.mkldnn.enabled
 
 

@@ -105,15 +105,12 @@ def run_expert_loop(
         return torch.zeros_like(hidden)
     groups = _group_by_expert(index, kept, few=kept.numel() <= experts.num_experts)
     rows = hidden if groups.in_token_order(num_tokens) else hidden[groups.tokens]  # [N, H]
-    outputs, start = [], 0
-    for expert, count in groups.runs:
-        if _prefers_atens_gemv(experts, rows.dtype, count):
-            with _onednn_disabled():
-                outputs.append(_expert_mlp(experts, expert, rows[start : start + count], None))
-        else:
-            outputs.append(_expert_mlp(experts, expert, rows[start : start + count], packed))
-        start += count
-    out_rows = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H]
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    projected = _project_runs(experts, rows, first, groups.runs, packed)  # [N, 2I] or [N, I]
+    inner = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # [N, I]
+    out_rows = _project_runs(experts, inner, "down_proj", groups.runs, packed)  # [N, H]
+    if experts.has_post_expert_norm:
+        out_rows = experts.post_expert_norm(out_rows)
     weighted = out_rows * weights.reshape(-1)[groups.slots].unsqueeze(1)  # [N, H]
     if groups.one_per_token(num_tokens):
         weighted = weighted.to(hidden.dtype)
@@ -197,16 +194,27 @@ def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tenso
     return out.index_add_(0, tokens, rows.float()).to(hidden.dtype)
 
 
-def _expert_mlp(
-    experts: nn.Module, expert: int, rows: torch.Tensor, packed: PackedExperts | None
+def _project_runs(
+    experts: nn.Module,
+    rows: torch.Tensor,
+    name: str,
+    runs: list[tuple[int, int]],
+    packed: PackedExperts | None,
 ) -> torch.Tensor:
-    """One expert on ``rows`` [n, H] -> [n, H], unweighted, on its packed weights if given."""
-    if experts.has_gate:
-        up = experts._apply_gate(_project(experts, rows, "gate_up_proj", expert, packed))
-    else:
-        up = experts.act_fn(_project(experts, rows, "up_proj", expert, packed))
-    down = _project(experts, up, "down_proj", expert, packed)
-    return experts.post_expert_norm(down) if experts.has_post_expert_norm else down
+    """``rows`` [N, in], grouped in ``runs`` of (expert, count), each run through its expert's
+    projection ``name`` -> [N, out]. Only the GEMMs go expert by expert: the gate, activation
+    and norm then run once over all rows, as in transformers' grouped kernel, not once per
+    expert (hundreds of small ops per prefill call)."""
+    outputs, start = [], 0
+    for expert, count in runs:
+        run_rows = rows[start : start + count]  # [count, in]
+        if _prefers_atens_gemv(experts, rows.dtype, count):
+            with _onednn_disabled():
+                outputs.append(_project(experts, run_rows, name, expert, None))
+        else:
+            outputs.append(_project(experts, run_rows, name, expert, packed))
+        start += count
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _project(

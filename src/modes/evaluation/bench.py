@@ -10,6 +10,8 @@ speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -88,6 +90,16 @@ def _paired_speedup(samples: dict[str, dict[str, list[float]]], key: str) -> flo
     return statistics.median(unskipped / plan for unskipped, plan in pairs)
 
 
+def _cache_keyword(model: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 (``past_key_values``,
+    deprecated there, goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 @torch.no_grad()
 def bench(
     model: Any,
@@ -106,44 +118,45 @@ def bench(
     def prefill() -> Any:
         return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
+    cache_keyword = _cache_keyword(model)
+
     def decode_step() -> float:
         """Median seconds of one cached decode step over ``new_tokens`` greedy steps."""
         output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        past, next_ids = output.past_key_values, output.logits[:, -1:].argmax(-1)  # [B, 1]
         times = []
         for _ in range(new_tokens):
+            past, next_ids = _cache_of(output), output.logits[:, -1:].argmax(-1)  # [B, 1]
             start = time.perf_counter()
-            output = model(input_ids=next_ids, past_key_values=past, use_cache=True)
+            output = model(input_ids=next_ids, use_cache=True, **{cache_keyword: past})
             times.append(time.perf_counter() - start)
-            past, next_ids = output.past_key_values, output.logits[:, -1:].argmax(-1)
         return statistics.median(times)
 
     samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "step": []} for label in LABELS}
     shares = []  # of the unskipped model, hooked in a prefill of its own (hooks stay off the timed ones)
-    for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
-        if round_number >= warmup:
-            shares.append(_moe_share(model, prefill))
-        for label in LABELS:
-            if label == "plan":
-                engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-            start = time.perf_counter()
-            prefill()
-            prefill_s = time.perf_counter() - start
-            step_s = decode_step()
-            if label == "plan":
-                engine.remove(model)
-            if round_number >= warmup:
-                samples[label]["prefill"].append(prefill_s)
-                samples[label]["step"].append(step_s)
+    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)  # once: packing takes long
+    try:
+        for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
+            for label in LABELS:
+                with engine.unpatched(model) if label == "unskipped" else contextlib.nullcontext():
+                    if round_number >= warmup and label == "unskipped":
+                        shares.append(_moe_share(model, prefill))
+                    start = time.perf_counter()
+                    prefill()
+                    prefill_s = time.perf_counter() - start
+                    step_s = decode_step()
+                if round_number >= warmup:
+                    samples[label]["prefill"].append(prefill_s)
+                    samples[label]["step"].append(step_s)
+        engine.reset_stats(model)
+        prefill()
+        skip_ratio = engine.skip_stats(model)["ratio"]
+    finally:
+        engine.remove(model)
     rows = {}
     for label in LABELS:
         prefill_s, step_s = (statistics.median(samples[label][key]) for key in ("prefill", "step"))
         rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
-    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-    engine.reset_stats(model)
-    prefill()
-    rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
-    engine.remove(model)
+    rows["plan"]["skip_ratio"] = skip_ratio
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = _paired_speedup(samples, "prefill")

@@ -27,6 +27,13 @@ def test_calibrate_search_eval_pipeline(tmp_path, capsys):
         assert key in data
     assert 0 < data["skip_ratio"] < 1
     assert "skip ratio" in capsys.readouterr().out
+    packed = tmp_path / "eval_packed.json"
+    assert main(["eval", "--samples", "24", "--plan", str(plan), "--pack-weights", "--out", str(packed)]) == 0
+    packed_data = json.loads(packed.read_text())
+    assert (data["pack_weights"], packed_data["pack_weights"]) == (False, True)
+    assert packed_data["skip_ratio"] == data["skip_ratio"]
+    kl, packed_kl = data["fidelity"]["mean_kl"], packed_data["fidelity"]["mean_kl"]
+    assert packed_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
 
 
 def test_errors_exit_2_with_the_reason(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
@@ -73,5 +74,14 @@ def test_tiny_offline_task_scores_what_modes_evaluate_scores(tmp_path):
     plan.save(tmp_path / "plan.json")
     skipping = ModesLMM(plan=str(tmp_path / "plan.json"), batch_size=8)
     skipping.task_dict = task_dict
-    skipping.generate_until(requests)
+    answers = skipping.generate_until(requests)
     assert skipping.skip_stats()["per_modality"]["text"]["ratio"] == 0.75
+    packed = ModesLMM(plan=str(tmp_path / "plan.json"), batch_size=8, pack_weights="True")
+    packed.task_dict = task_dict
+    assert all(site.module.packed is not None for site in modes.engine.patch.moe_sites(packed.model))
+    assert packed.generate_until(requests) == answers
+
+
+def test_boolean_model_args_are_checked():
+    with pytest.raises(ValueError, match="pack_weights must be true or false, got 'maybe'"):
+        ModesLMM(pack_weights="maybe")

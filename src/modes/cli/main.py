@@ -153,10 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, processor = load_model(args.model)
     samples = _samples(args)
     plan = SkipPlan.load(args.plan) if args.plan else None
-    report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size)
+    packed = {"pack_weights": args.pack_weights}
+    report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size, **packed)
     report.pop("answers")
+    report["pack_weights"] = args.pack_weights
     if plan is not None:
-        report["fidelity"] = fidelity(model, processor, samples, plan, batch_size=args.batch_size)
+        report["fidelity"] = fidelity(model, processor, samples, plan, batch_size=args.batch_size, **packed)
     rows = [[skill, f"{acc:.4f}"] for skill, acc in report["per_skill"].items()]
     rows.append(["overall", f"{report['accuracy']:.4f}"])
     print(_table(rows, ["skill", "accuracy"]))
@@ -368,6 +370,14 @@ def _add_of_skippable(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_pack_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="CPU: apply the plan with oneDNN-packed expert weights (faster, a second copy in memory)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -398,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(eval_parser, "test", None)
     eval_parser.add_argument("--plan", default=None)
     eval_parser.add_argument("--out", default=None, help="report JSON")
+    _add_pack_weights(eval_parser)
     eval_parser.set_defaults(run=cmd_eval, batch_size=64)
 
     demo_parser = commands.add_parser("demo", help="the whole pipeline on the bundled model")
@@ -430,11 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--prompt-tokens", type=int, default=512)
     bench_parser.add_argument("--new-tokens", type=int, default=16)
     bench_parser.add_argument("--repeats", type=int, default=5)
-    bench_parser.add_argument(
-        "--pack-weights",
-        action="store_true",
-        help="CPU: apply the plan with oneDNN-packed expert weights (faster, a second copy in memory)",
-    )
+    _add_pack_weights(bench_parser)
     bench_parser.add_argument("--out", default=None)
     bench_parser.set_defaults(run=cmd_bench)
 

@@ -72,10 +72,12 @@ def evaluate(
     max_new_tokens: int = 4,
     special_token_ids: Sequence[int] | None = None,
     progress: bool = True,
+    pack_weights: bool = False,
 ) -> dict[str, Any]:
     """Accuracy overall and per skill; with a plan (or an already patched model), the skip ratios.
 
-    A ``plan`` is applied for the evaluation only and removed afterwards.
+    A ``plan`` is applied for the evaluation only (with ``pack_weights``, see `modes.apply`) and
+    removed afterwards.
     """
     samples = list(samples if samples is not None else load_samples(split="test"))[:limit]
     if not samples:
@@ -83,7 +85,7 @@ def evaluate(
     applied_here = plan is not None
     if applied_here:
         tokenizer = getattr(processor, "tokenizer", processor)
-        engine.apply(model, plan, special_token_ids or tokenizer.all_special_ids)
+        engine.apply(model, plan, special_token_ids or tokenizer.all_special_ids, pack_weights=pack_weights)
     try:
         if engine.is_patched(model):
             engine.reset_stats(model)

@@ -6,7 +6,8 @@
 
 lmms-eval finds the name through the ``lmms_eval.models`` entry point in pyproject.toml.
 ``model_args``: ``pretrained`` (default: the bundled model), ``plan`` (a SkipPlan JSON; none:
-the unskipped model), ``device``, ``dtype`` (float32, bfloat16, float16), ``max_new_tokens``.
+the unskipped model), ``device``, ``dtype`` (float32, bfloat16, float16), ``max_new_tokens``,
+``pack_weights`` (true: CPU, oneDNN-packed expert weights, see `modes.apply`).
 Generation tasks only (``generate_until``), which covers the MoDES paper's benchmarks. The
 realised skip ratios of the whole run are in `skip_stats`.
 """
@@ -48,22 +49,25 @@ class ModesLMM(lmms):
         dtype: str = "float32",
         batch_size: int | str = 8,
         max_new_tokens: int | str = 16,
+        pack_weights: bool | str = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise TypeError(
                 f"modes: unknown model_args {sorted(unknown)}; accepted: pretrained, plan, device, "
-                "dtype, batch_size, max_new_tokens"
+                "dtype, batch_size, max_new_tokens, pack_weights"
             )
         if dtype not in _DTYPES:
             raise ValueError(f"modes: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        pack = _flag("pack_weights", pack_weights)
         self.model, self.processor = load_model(pretrained, dtype=_DTYPES[dtype])
         if device:
             self.model.to(device)
         self.plan = SkipPlan.load(plan) if plan else None
         if self.plan is not None:
-            engine.apply(self.model, self.plan, self.processor.tokenizer.all_special_ids)
+            special_ids = self.processor.tokenizer.all_special_ids
+            engine.apply(self.model, self.plan, special_ids, pack_weights=pack)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -92,6 +96,17 @@ class ModesLMM(lmms):
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("modes: multi-round generation is not supported; use single-turn tasks")
+
+
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean model_arg, as lmms-eval passes it (a bool, or the text after ``name=``)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"modes: model_arg {name} must be true or false, got {value!r}")
 
 
 def _cut(text: str, stops: list[str]) -> str:

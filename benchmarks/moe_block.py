@@ -187,8 +187,9 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         **wrappers,
         **{("packed", ratio): wrapper for ratio, wrapper in packed.items()},
     }
-    if tokens >= 64:  # prefill: every expert keeps rows, so the kernel's one-row floor bounds it
+    if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
+        calls["packed_floor"] = _weight_read_floor(experts, draws[0][0], packed_weights)
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
     # the packed loop with nothing skipped: what packing gains apart from skipping
@@ -196,6 +197,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     times = Timings(ColdTimer(draws).interleaved(calls, _timed_calls(tokens, repeats)), tokens < 64)
     baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
     floor_speedup = times.speedup("floor") if floor else None
+    packed_floor_speedup = times.speedup("packed_floor") if floor else None
     rows = []
     for ratio, wrapper in wrappers.items():
         wrapper.counter.reset()
@@ -216,12 +218,17 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
                 "attainable": round(attainable, 3),
                 "fraction_of_attainable": round(speedup / attainable, 3),
                 **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
-                **(_packed_fields(times, ("packed", ratio), ideal) if ratio in packed else {}),
+                **(
+                    _packed_fields(times, ("packed", ratio), ideal, packed_floor_speedup)
+                    if ratio in packed
+                    else {}
+                ),
             }
         )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
             "timed_calls": len(times.times["default"]), "default_ms": round(baseline * 1e3, 3),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
+            "packed_weight_read_floor_ms": round(times.seconds("packed_floor") * 1e3, 3) if floor else None,
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
             "packed_loop_ms": round(times.seconds("packed_loop") * 1e3, 3),
@@ -237,26 +244,34 @@ def _with_packed_weights(wrapper: SkippingExperts, packed: PackedExperts) -> Ski
     return twin
 
 
-def _packed_fields(times: Timings, label: tuple[str, float], ideal: float) -> dict:
+def _packed_fields(
+    times: Timings, label: tuple[str, float], ideal: float, floor_speedup: float | None
+) -> dict:
     speedup, over_loop = times.speedup(label), times.speedup(label, "packed_loop")
+    attainable = min(ideal, floor_speedup) if floor_speedup else ideal
     return {
         "packed_ms": round(times.seconds(label) * 1e3, 3),
         "packed_speedup": round(speedup, 3),
         "packed_fraction_of_ideal": round(speedup / ideal, 3),
+        "packed_attainable": round(attainable, 3),
+        "packed_fraction_of_attainable": round(speedup / attainable, 3),
         "packed_speedup_over_packed_loop": round(over_loop, 3),
         "packed_fraction_of_ideal_over_packed_loop": round(over_loop / ideal, 3),
     }
 
 
-def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor):
-    """The module with one row per expert: every expert's weights read once, almost no compute.
-    While skipping leaves every expert at least one row (prefill), no execution of the kept rows
-    by the module's kernel can beat it, so the attainable speedup is min(1 / (1 - r), default /
-    floor). (It is the kernel's floor: oneDNN's small-M GEMMs stream weights well below what
-    the memory delivers on this CPU, see BENCHMARKS.md.)"""
+def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packed: PackedExperts | None = None):
+    """The module (or, given ``packed``, modes' loop on the packed weights) with one row per
+    expert: every expert's weights read once, almost no compute. While skipping leaves every
+    expert at least one row (prefill), no execution of the kept rows by those kernels can beat
+    it, so the attainable speedup is min(1 / (1 - r), default / floor). (It is the kernels'
+    floor: small-M GEMMs stream weights below what the memory delivers on this CPU, see
+    BENCHMARKS.md.)"""
     count = experts.num_experts
     hidden = torch.randn(count, like.shape[1], generator=torch.Generator().manual_seed(1)).to(like.dtype)
     index, weights = torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=like.dtype)  # k = 1
+    if packed is not None:
+        return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), packed)
     return lambda *_: experts(hidden, index, weights)
 
 

@@ -2,7 +2,7 @@
 
 from modes.adapters import UnsupportedModelError, register_model, supported_model_types
 from modes.data import load_samples
-from modes.engine import apply, model_info, remove, reset_stats, skip_stats, unpatched
+from modes.engine import apply, model_info, remove, reset_stats, skip_stats
 from modes.evaluation import evaluate
 from modes.loading import bundled_model_path, load_model, load_processor
 from modes.plan import ModelInfo, PlanError, SkipPlan
@@ -27,5 +27,4 @@ __all__ = [
     "reset_stats",
     "skip_stats",
     "supported_model_types",
-    "unpatched",
 ]

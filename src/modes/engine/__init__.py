@@ -1,6 +1,6 @@
 """The skipping engine: patch a transformers MoE model so skipped routed experts cost nothing."""
 
-from modes.engine.patch import apply, is_patched, model_info, remove, reset_stats, skip_stats, unpatched
+from modes.engine.patch import apply, is_patched, model_info, remove, reset_stats, skip_stats
 from modes.engine.rule import SkipRule, ThresholdRule
 
 __all__ = [
@@ -12,5 +12,4 @@ __all__ = [
     "remove",
     "reset_stats",
     "skip_stats",
-    "unpatched",
 ]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,6 @@ __all__ = [
     "remove",
     "reset_stats",
     "skip_stats",
-    "unpatched",
 ]
 
 _ATTR = "_modes_patch"
@@ -182,36 +180,18 @@ def apply(
                 **common,
             )
         wrappers.append(wrapper)
-    _install(model, _Patch(sites, wrappers, [], context, plan))
-    return model
-
-
-def _install(model: nn.Module, patch: _Patch) -> None:
-    """Put ``patch``'s wrappers in place and attach its hooks (and attention probe, if a rule
-    needs one)."""
-    for site, wrapper in zip(patch.sites, patch.wrappers, strict=True):
+    for site, wrapper in zip(sites, wrappers, strict=True):
         setattr(site.parent, site.attr, wrapper)
-    patch.hooks = [
-        model.register_forward_pre_hook(_context_hook(patch.context), with_kwargs=True),
-        model.register_forward_hook(lambda *_: patch.context.clear(), always_call=True),
+    hooks = [
+        model.register_forward_pre_hook(_context_hook(context), with_kwargs=True),
+        model.register_forward_hook(lambda *_: context.clear(), always_call=True),
     ]
-    if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in patch.wrappers):
-        layers = decoder_layers(model, [site.name for site in patch.sites])
-        probed = {site.layer: layers[site.layer] for site in patch.sites}
-        patch.probe = AttentionProbe.attach(probed, patch.context)
-    setattr(model, _ATTR, patch)
-
-
-def _uninstall(model: nn.Module, patch: _Patch) -> None:
-    """Put the original modules back and drop ``patch``'s hooks; the patch itself is kept."""
-    for site, wrapper in zip(patch.sites, patch.wrappers, strict=True):
-        setattr(site.parent, site.attr, wrapper.base_layer)
-    for hook in patch.hooks:
-        hook.remove()
-    if patch.probe is not None:
-        patch.probe.detach()
-        patch.probe = None
-    delattr(model, _ATTR)
+    probe = None
+    if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in wrappers):
+        layers = decoder_layers(model, [site.name for site in sites])
+        probe = AttentionProbe.attach({site.layer: layers[site.layer] for site in sites}, context)
+    setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan, probe))
+    return model
 
 
 def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleList:
@@ -260,23 +240,15 @@ def _patch_of(model: nn.Module) -> _Patch:
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: put the original modules back and drop the hooks."""
-    _uninstall(model, _patch_of(model))
-    return model
-
-
-@contextlib.contextmanager
-def unpatched(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a patched ``model`` as transformers built it inside the block, and patched again
-    after it, with the same wrappers (and packed weights): for side-by-side timings without
-    re-applying. A patch applied inside the block is removed at its end."""
     patch = _patch_of(model)
-    _uninstall(model, patch)
-    try:
-        yield model
-    finally:
-        if is_patched(model):
-            remove(model)
-        _install(model, patch)
+    for site, wrapper in zip(patch.sites, patch.wrappers, strict=True):
+        setattr(site.parent, site.attr, wrapper.base_layer)
+    for hook in patch.hooks:
+        hook.remove()
+    if patch.probe is not None:
+        patch.probe.detach()
+    delattr(model, _ATTR)
+    return model
 
 
 def reset_stats(model: nn.Module) -> None:

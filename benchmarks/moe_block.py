@@ -10,7 +10,7 @@ alpha constant), with the threshold set to the score quantile that gives the rat
 configuration is called once per round, in turn, after warm-up; for prefill, times are
 medians over rounds and a speedup is the median over rounds of the default's time over the
 configuration's in the same round; for decode, whose draws keep different numbers of slots,
-means over whole passes (`Timings`).
+medians over whole passes over the draws (`Timings`).
 
 Each timed call starts cold, as a MoE block does inside a model: the routing cycles over
 several token draws (so consecutive calls hit different experts) and a buffer twice the
@@ -183,8 +183,10 @@ class Timings:
     Prefill (every draw keeps about as many rows): medians, and a speedup is the median over
     rounds of the baseline's time over the configuration's in the same round, so a slow
     stretch of the machine, which hits a whole round, cancels. Decode (``per_call_varies``):
-    a draw of one token can keep 0, 1 or 2 slots at a given ratio, so a median would pick a
-    typical draw, not the realised ratio; means over whole passes over the draws are used.
+    a draw of one token can keep 0, 1 or 2 slots at a given ratio, so a median over calls would
+    pick a typical draw, not the realised ratio; each whole pass over the draws is summed, and
+    times and speedups are medians over passes, so that a stall of this VM, which hits one
+    pass, does not weigh in (one such stall made a mean read 46 ms for a 7 ms call).
     """
 
     def __init__(self, times: dict[Any, list[float]], per_call_varies: bool):
@@ -194,14 +196,21 @@ class Timings:
     def seconds(self, label: Any) -> float | None:
         if label not in self.times:
             return None
-        reduce = statistics.fmean if self.per_call_varies else statistics.median
-        return reduce(self.times[label])
+        if self.per_call_varies:
+            return statistics.median(self._passes(label)) / DRAWS
+        return statistics.median(self.times[label])
 
     def speedup(self, label: Any, baseline: str = "default") -> float:
         if self.per_call_varies:
-            return sum(self.times[baseline]) / sum(self.times[label])
-        pairs = zip(self.times[baseline], self.times[label], strict=True)
+            pairs = zip(self._passes(baseline), self._passes(label), strict=True)
+        else:
+            pairs = zip(self.times[baseline], self.times[label], strict=True)
         return statistics.median(b / t for b, t in pairs)
+
+    def _passes(self, label: Any) -> list[float]:
+        """Seconds of each whole pass over the draws (consecutive rounds cycle over them)."""
+        times = self.times[label]
+        return [sum(times[start : start + DRAWS]) for start in range(0, len(times) - DRAWS + 1, DRAWS)]
 
 
 @torch.no_grad()

@@ -116,8 +116,8 @@ class ColdTimer:
     ) -> dict[Any, list[float]]:
         """Times of each of ``calls`` and ``packed_calls`` over ``number`` rounds, one call of each
         per round in turn, so that drift of the machine hits all alike; warm-up excluded. The
-        packed calls run together, with ``packs`` resident only meanwhile, the two groups taking
-        turns to go first. Within a group each round starts one call further along, so no call
+        packed calls run together (with ``packs`` resident, see `PackSlot`), the two groups
+        taking turns to go first. Within a group each round starts one call further along, so no call
         always follows the same one (what a call leaves behind, such as freed buffers, would
         otherwise bias the next)."""
         groups = [(contextlib.nullcontext, calls)]
@@ -143,17 +143,26 @@ class ColdTimer:
 
 
 class PackSlot:
-    """The oneDNN-packed copies of one experts module that the packed calls share, made for
-    their part of each round and freed before the other calls run: with them resident,
-    transformers' default call ran 1.2-1.4x slower on this CPU (not explained; a freshly
-    packed and freed copy had no such effect), which would inflate every speedup over it."""
+    """The oneDNN-packed copies of one experts module that the packed calls share.
 
-    def __init__(self, experts: torch.nn.Module):
+    Prefill (``per_round``): made for the packed calls' part of each round and freed before
+    the other calls run: with them resident, transformers' default call ran 1.2-1.4x slower on
+    this CPU (not explained; a freshly packed and freed copy had no such effect), which would
+    inflate every speedup over it. Decode: made once and kept, since packing and freeing them
+    every round left transformers' one-token bf16 call 3-5x slower after each free (allocator
+    state), while holding them did not measurably slow the one-token calls.
+    """
+
+    def __init__(self, experts: torch.nn.Module, per_round: bool):
         self.experts = experts
-        self.weights: PackedExperts | None = None
+        self.per_round = per_round
+        self.weights: PackedExperts | None = None if per_round else PackedExperts(experts)
 
     @contextlib.contextmanager
     def resident(self) -> Iterator[None]:
+        if not self.per_round:
+            yield
+            return
         self.weights = PackedExperts(self.experts)
         try:
             yield
@@ -226,7 +235,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         )
         for ratio in RATIOS
     }
-    packs = PackSlot(experts)  # one copy shared by every ratio's packed wrapper
+    packs = PackSlot(experts, per_round=tokens >= 64)  # one copy shared by every ratio's packed wrapper
     calls = {"default": experts, **wrappers}
     packed_calls = {  # at ratio 0 nothing is skipped and the module itself runs, packed or not
         ("packed", ratio): _on_packed_weights(wrapper, packs)

@@ -153,12 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, processor = load_model(args.model)
     samples = _samples(args)
     plan = SkipPlan.load(args.plan) if args.plan else None
-    packed = {"pack_weights": args.pack_weights}
-    report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size, **packed)
+    options = dict(batch_size=args.batch_size, pack_weights=args.pack_weights)
+    report = evaluate(model, processor, samples, plan=plan, **options)
     report.pop("answers")
     report["pack_weights"] = args.pack_weights
     if plan is not None:
-        report["fidelity"] = fidelity(model, processor, samples, plan, batch_size=args.batch_size, **packed)
+        report["fidelity"] = fidelity(model, processor, samples, plan, **options)
     rows = [[skill, f"{acc:.4f}"] for skill, acc in report["per_skill"].items()]
     rows.append(["overall", f"{report['accuracy']:.4f}"])
     print(_table(rows, ["skill", "accuracy"]))

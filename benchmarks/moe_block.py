@@ -117,9 +117,9 @@ class ColdTimer:
         """Times of each of ``calls`` and ``packed_calls`` over ``number`` rounds, one call of each
         per round in turn, so that drift of the machine hits all alike; warm-up excluded. The
         packed calls run together (with ``packs`` resident, see `PackSlot`), the two groups
-        taking turns to go first. Within a group each round starts one call further along, so no call
-        always follows the same one (what a call leaves behind, such as freed buffers, would
-        otherwise bias the next)."""
+        taking turns to go first. Within a group each round starts one call further along, so
+        no call always follows the same one (what a call leaves behind, such as freed buffers,
+        would otherwise bias the next)."""
         groups = [(contextlib.nullcontext, calls)]
         if packed_calls:
             groups.append((packs.resident, packed_calls))
@@ -261,7 +261,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             wrapper(*draw)
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
         ideal = 1 / (1 - realised) if realised < 1 else float("inf")
-        attainable = min(ideal, floor_speedup) if floor_speedup else ideal
+        attainable = _attainable(ideal, floor_speedup)
         speedup = times.speedup(ratio)
         rows.append(
             {
@@ -307,11 +307,16 @@ def _on_packed_weights(wrapper: SkippingExperts, packs: PackSlot):
     return call
 
 
+def _attainable(ideal: float, floor_speedup: float | None) -> float:
+    """The ideal speedup, capped in prefill by the kernels' one-row-per-expert floor."""
+    return min(ideal, floor_speedup) if floor_speedup else ideal
+
+
 def _packed_fields(
-    times: Timings, label: tuple[str, float], ideal: float, floor_speedup: float | None
+    times: Timings, label: tuple[str, float], ideal: float, packed_floor_speedup: float | None
 ) -> dict:
     speedup, over_loop = times.speedup(label), times.speedup(label, "packed_loop")
-    attainable = min(ideal, floor_speedup) if floor_speedup else ideal
+    attainable = _attainable(ideal, packed_floor_speedup)
     return {
         "packed_ms": round(times.seconds(label) * 1e3, 3),
         "packed_speedup": round(speedup, 3),

@@ -13,13 +13,20 @@ from pathlib import Path
 COLUMNS = (0.0, 0.5, 0.75, 0.88)
 
 
+def bound(row: dict, prefix: str) -> str:
+    """`` [fraction of the attainable speedup]`` where the kernels' one-row-per-expert floor
+    (plain, or with ``prefix`` "packed_" the packed loop's) caps it below the ideal."""
+    attainable = row.get(f"{prefix}attainable", row["ideal"])
+    if attainable >= row["ideal"]:
+        return ""
+    return f" [{row[f'{prefix}fraction_of_attainable']:.0%} of {attainable:.1f}x]"
+
+
 def cell(row: dict) -> str:
     if row["target_ratio"] == 0.0:
         return f"{row['speedup']:.2f}x"
     text = f"{row['speedup']:.2f}x ({row['fraction_of_ideal']:.0%}) @ {row['ratio']:.2f}"
-    if row.get("attainable", row["ideal"]) < row["ideal"]:  # bound by the kernel streaming every expert once
-        text += f" [{row['fraction_of_attainable']:.0%} of {row['attainable']:.1f}x]"
-    return text
+    return text + bound(row, "")
 
 
 def loop_table(results: list[dict], ratio: float = 0.88) -> None:
@@ -45,9 +52,7 @@ def packed_cell(row: dict) -> str:
         f"{row['packed_speedup']:.2f}x ({row['packed_fraction_of_ideal']:.0%}); "
         f"{over_loop:.2f}x ({row['packed_fraction_of_ideal_over_packed_loop']:.0%})"
     )
-    if row.get("packed_attainable", row["ideal"]) < row["ideal"]:  # the packed loop's one-row floor
-        text += f" [{row['packed_fraction_of_attainable']:.0%} of {row['packed_attainable']:.1f}x]"
-    return text
+    return text + bound(row, "packed_")
 
 
 def packed_table(results: list[dict]) -> None:

@@ -162,16 +162,15 @@ def bench(
             if round_number >= warmup:
                 samples[label]["prefill"].append(prefill_s)
                 samples[label]["step"].append(step_s)
-    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-    engine.reset_stats(model)
-    prefill()
-    skip_ratio = engine.skip_stats(model)["ratio"]
-    engine.remove(model)
     rows = {}
     for label in LABELS:
         prefill_s, step_s = (statistics.median(samples[label][key]) for key in ("prefill", "step"))
         rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
-    rows["plan"]["skip_ratio"] = skip_ratio
+    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
+    engine.reset_stats(model)
+    prefill()
+    rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
+    engine.remove(model)
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = _paired_speedup(samples, "prefill")

@@ -80,7 +80,7 @@ def measure(dtype: torch.dtype, rounds: int) -> dict:
                 run()
                 if round_number:  # round 0 is warm-up
                     times[label].append(time.perf_counter() - start)
-            packed_weights.clear()
+            packed_weights.clear()  # after either group, so that both start from a collection
             gc.collect()
     rows = []
     for label, values in times.items():

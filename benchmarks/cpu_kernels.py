@@ -7,16 +7,16 @@ gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in b
 streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
 picks by default) and disabled (ATen's own kernels), and by oneDNN on weights packed once
-(``modes.apply(..., pack_weights=True)``, made anew for their part of each round). The passes
-are interleaved round by round; medians after one warm-up round. This explains the block
-benchmark: the bf16 GEMV choice of modes' expert loop, and why prefill with a few kept rows
-per expert cannot reach the ideal speedup here (the kernel, not the memory, bounds it).
+(``modes.apply(..., pack_weights=True)``). The passes are interleaved round by round; medians
+after one warm-up round; the process keeps the memory it frees (`retain_freed_memory`). This
+explains the block benchmark: the bf16 GEMV choice of modes' expert loop, and why prefill with
+a few kept rows per expert cannot reach the ideal speedup here (the kernel, not the memory,
+bounds it).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from modes.engine.packed import pack_weight, packed_linear
+from modes.evaluation.allocator import retain_freed_memory
 
 EXPERTS, OUT, IN = 128, 2304, 2048  # Qwen3-VL-30B-A3B: 2 x 768 gate_up + 768 down, hidden 2048
 ROWS = (1, 2, 4, 8, 16)
 
 
-def _passes(weights: torch.Tensor, packed_weights: list[torch.Tensor]) -> tuple[dict, dict]:
-    """Label -> one pass over every expert's weights: the plain passes, and those on the
-    packed copies ``packed_weights`` (filled while they run)."""
+def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Label -> one pass over every expert's weights, plain and on packed copies made once."""
     inputs = {m: torch.randn(m, IN).to(weights.dtype) for m in ROWS}
+    packed_weights = [pack_weight(weight) for weight in weights]
 
     def linear(rows: int, onednn: bool) -> Callable[[], object]:
         def run() -> None:
@@ -56,32 +57,28 @@ def _passes(weights: torch.Tensor, packed_weights: list[torch.Tensor]) -> tuple[
 
         return run
 
-    plain: dict[str, Callable[[], object]] = {"sum": weights.sum}
+    passes: dict[str, Callable[[], object]] = {"sum": weights.sum}
     for rows in ROWS:
-        plain[f"M={rows} oneDNN"] = linear(rows, onednn=True)
-        plain[f"M={rows} ATen"] = linear(rows, onednn=False)
-    return plain, {f"M={rows} packed": packed(rows) for rows in ROWS}
+        passes[f"M={rows} oneDNN"] = linear(rows, onednn=True)
+        passes[f"M={rows} ATen"] = linear(rows, onednn=False)
+        passes[f"M={rows} packed"] = packed(rows)
+    return passes
 
 
 def measure(dtype: torch.dtype, rounds: int) -> dict:
-    """The packed copies exist only while the packed passes run (made anew each round): with
-    them resident, other calls ran 1.2-1.4x slower on this CPU (BENCHMARKS.md)."""
+    """Each round runs every pass once, starting one pass further along than the last."""
     weights = torch.randn(EXPERTS, OUT, IN).to(dtype)  # [E, out, in]
     gigabytes = weights.numel() * weights.element_size() / 1e9
-    packed_weights: list[torch.Tensor] = []
-    plain, packed = _passes(weights, packed_weights)
-    times: dict[str, list[float]] = {label: [] for label in [*plain, *packed]}
+    passes = _passes(weights)
+    labels = list(passes)
+    times: dict[str, list[float]] = {label: [] for label in labels}
     for round_number in range(rounds + 1):
-        for group in (plain, packed) if round_number % 2 == 0 else (packed, plain):
-            if group is packed:
-                packed_weights.extend(pack_weight(weights[expert]) for expert in range(EXPERTS))
-            for label, run in group.items():
-                start = time.perf_counter()
-                run()
-                if round_number:  # round 0 is warm-up
-                    times[label].append(time.perf_counter() - start)
-            packed_weights.clear()  # after either group, so that both start from a collection
-            gc.collect()
+        shift = round_number % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            passes[label]()
+            if round_number:  # round 0 is warm-up
+                times[label].append(time.perf_counter() - start)
     rows = []
     for label, values in times.items():
         seconds = statistics.median(values)
@@ -96,11 +93,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--out", default="benchmarks/results/cpu_kernels.json")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocator")
     args = parser.parse_args()
+    retained = not args.system_malloc and retain_freed_memory()
     machine = {
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "allocator": "freed memory retained" if retained else "system default",
     }
     results = []
     for name in args.dtypes.split(","):

@@ -18,18 +18,21 @@ size of the last-level cache is read before every timed call (what attention and
 layers stream between two calls of one block). Without this, a decode call that keeps one
 expert (9 MB in bf16) finds its weights still in a 32 MB L3 from the previous repeat, which
 no real model does.
+
+The process keeps the memory it frees (`modes.evaluation.allocator.retain_freed_memory`, as
+jemalloc or tcmalloc would in a CPU server), so that no call pays page faults for its
+temporaries: under glibc's defaults transformers' default call spent up to 45% of its time
+faulting in fresh pages, by amounts that shifted with what else was resident. Faults per call
+are recorded (``minor_faults_per_call``); ``--system-malloc`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import platform
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
+from modes.evaluation.allocator import minor_page_faults, retain_freed_memory
 
 SHAPES = {
     "qwen3-vl-30b-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=128, top_k=8, width=768),
@@ -93,82 +97,45 @@ def routing(tokens: int, shape: dict, dtype: torch.dtype, generator: torch.Gener
 
 
 class ColdTimer:
-    """Times calls that each start with cold caches and the next token draw."""
+    """Times calls that each start with cold caches and the next token draw, and counts the
+    minor page faults each call takes (none once the allocator keeps freed memory)."""
 
     def __init__(self, draws: list[tuple[torch.Tensor, ...]]):
         self.draws = draws
         self.flush_buffer = torch.ones(FLUSH_BYTES // 4)
+        self.faults: dict[Any, list[int]] = {}
 
-    def seconds(self, call, number: int) -> float:
+    def seconds(self, call, number: int, label: Any = None) -> float:
         """Wall time of ``call`` on draw ``number`` (cycling over the draws), after a flush."""
         draw = self.draws[number % len(self.draws)]
         self.flush_buffer.sum()
+        faults = minor_page_faults()
         start = time.perf_counter()
         call(*draw)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.faults.setdefault(label, []).append(minor_page_faults() - faults)
+        return seconds
 
-    def interleaved(
-        self,
-        calls: dict[Any, Any],
-        number: int,
-        packed_calls: dict[Any, Any] | None = None,
-        packs: PackSlot | None = None,
-    ) -> dict[Any, list[float]]:
-        """Times of each of ``calls`` and ``packed_calls`` over ``number`` rounds, one call of each
-        per round in turn, so that drift of the machine hits all alike; warm-up excluded. The
-        packed calls run together (with ``packs`` resident, see `PackSlot`), the two groups
-        taking turns to go first. Within a group each round starts one call further along, so
-        no call always follows the same one (what a call leaves behind, such as freed buffers,
-        would otherwise bias the next)."""
-        groups = [(contextlib.nullcontext, calls)]
-        if packed_calls:
-            groups.append((packs.resident, packed_calls))
-        for residency, group in groups:
-            with residency():
-                self._warm_up(group)
-        times: dict[Any, list[float]] = {label: [] for _, group in groups for label in group}
-        for n in range(number):
-            for residency, group in groups if n % 2 == 0 else groups[::-1]:
-                labels = list(group)
-                shift = n % len(labels)
-                with residency():
-                    for label in labels[shift:] + labels[:shift]:
-                        times[label].append(self.seconds(group[label], n))
-        return times
-
-    def _warm_up(self, calls: dict[Any, Any]) -> None:
+    def interleaved(self, calls: dict[Any, Any], number: int) -> dict[Any, list[float]]:
+        """Times of each of ``calls`` over ``number`` rounds, one call of each per round in turn,
+        so that drift of the machine hits all alike; warm-up excluded. Each round starts one
+        call further along, so no call always follows the same one (what a call leaves behind,
+        such as freed buffers, would otherwise bias the next)."""
         for call in calls.values():
             for draw in self.draws[:2]:
                 call(*draw)
+        self.faults.clear()
+        times: dict[Any, list[float]] = {label: [] for label in calls}
+        labels = list(calls)
+        for n in range(number):
+            shift = n % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                times[label].append(self.seconds(calls[label], n, label))
+        return times
 
-
-class PackSlot:
-    """The oneDNN-packed copies of one experts module that the packed calls share.
-
-    Prefill (``per_round``): made for the packed calls' part of each round and freed before
-    the other calls run: with them resident, transformers' default call ran 1.2-1.4x slower on
-    this CPU (not explained; a freshly packed and freed copy had no such effect), which would
-    inflate every speedup over it. Decode: made once and kept, since packing and freeing them
-    every round left transformers' one-token bf16 call 3-5x slower after each free (allocator
-    state), while holding them did not measurably slow the one-token calls.
-    """
-
-    def __init__(self, experts: torch.nn.Module, per_round: bool):
-        self.experts = experts
-        self.per_round = per_round
-        self.weights: PackedExperts | None = None if per_round else PackedExperts(experts)
-
-    @contextlib.contextmanager
-    def resident(self) -> Iterator[None]:
-        if not self.per_round:
-            yield
-            return
-        self.weights = PackedExperts(self.experts)
-        try:
-            yield
-        finally:
-            self.weights = None
-            gc.collect()
+    def faults_per_call(self) -> dict[str, float]:
+        """Median minor page faults per timed call of each configuration."""
+        return {str(label): statistics.median(counts) for label, counts in self.faults.items()}
 
 
 def _setup(name: str, dtype: torch.dtype, tokens: int):
@@ -235,7 +202,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         )
         for ratio in RATIOS
     }
-    packs = PackSlot(experts, per_round=tokens >= 64)  # one copy shared by every ratio's packed wrapper
+    packs = PackedExperts(experts)  # one copy shared by every ratio's packed wrapper
     calls = {"default": experts, **wrappers}
     packed_calls = {  # at ratio 0 nothing is skipped and the module itself runs, packed or not
         ("packed", ratio): _on_packed_weights(wrapper, packs)
@@ -250,7 +217,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     # the packed loop with nothing skipped: what packing gains apart from skipping
     packed_calls["packed_loop"] = _loop_on_every_slot(experts, packs)
     timer = ColdTimer(draws)
-    times = Timings(timer.interleaved(calls, _timed_calls(tokens, repeats), packed_calls, packs), tokens < 64)
+    times = Timings(timer.interleaved({**calls, **packed_calls}, _timed_calls(tokens, repeats)), tokens < 64)
     baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
     floor_speedup = times.speedup("floor") if floor else None
     packed_floor_speedup = times.speedup("packed_floor") if floor else None
@@ -289,22 +256,16 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
             "packed_loop_ms": round(times.seconds("packed_loop") * 1e3, 3),
             "packed_loop_gain": round(times.speedup("packed_loop"), 3),
+            "minor_faults_per_call": timer.faults_per_call(),
             "rows": rows}  # fmt: skip
 
 
-def _on_packed_weights(wrapper: SkippingExperts, packs: PackSlot):
-    """``wrapper``'s rule on the packed weights resident in ``packs`` (``pack_weights=True``
+def _on_packed_weights(wrapper: SkippingExperts, packs: PackedExperts):
+    """``wrapper``'s rule on the packed weights ``packs`` (``pack_weights=True``
     would pack a copy per wrapper, one per ratio)."""
     twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
-
-    def call(*draw: torch.Tensor) -> torch.Tensor:
-        twin.packed = packs.weights
-        try:
-            return twin(*draw)
-        finally:
-            twin.packed = None  # so that the slot can free the copies
-
-    return call
+    twin.packed = packs
+    return twin
 
 
 def _attainable(ideal: float, floor_speedup: float | None) -> float:
@@ -328,7 +289,7 @@ def _packed_fields(
     }
 
 
-def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packs: PackSlot | None = None):
+def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packs: PackedExperts | None = None):
     """The module (or, given ``packs``, modes' loop on the packed weights) with one row per
     expert: every expert's weights read once, almost no compute. While skipping leaves every
     expert at least one row (prefill), no execution of the kept rows by those kernels can beat
@@ -339,16 +300,16 @@ def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packs: Pack
     hidden = torch.randn(count, like.shape[1], generator=torch.Generator().manual_seed(1)).to(like.dtype)
     index, weights = torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=like.dtype)  # k = 1
     if packs is not None:
-        return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), packs.weights)
+        return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), packs)
     return lambda *_: experts(hidden, index, weights)
 
 
-def _loop_on_every_slot(experts: torch.nn.Module, packs: PackSlot | None = None):
+def _loop_on_every_slot(experts: torch.nn.Module, packs: PackedExperts | None = None):
     """modes' CPU expert loop with nothing skipped: against the default, what its kernels alone
     gain (the loop calls ATen's bf16 GEMV for single rows, where the default calls oneDNN, and
     oneDNN on packed weights when given them)."""
     return lambda hidden, index, weights: run_expert_loop(
-        experts, hidden, index, weights, torch.arange(index.numel()), packs.weights if packs else None
+        experts, hidden, index, weights, torch.arange(index.numel()), packs
     )
 
 
@@ -388,7 +349,13 @@ def main() -> None:
         metavar="PAIRS",
         help="only ratio 0 vs default, PAIRS interleaved calls",
     )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocator (calls then pay page faults for their temporaries)",
+    )
     args = parser.parse_args()
+    retained = not args.system_malloc and retain_freed_memory()
     token_counts = [int(t) for t in args.tokens.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     cases = [(s, d, t) for s in args.shapes.split(",") for d in dtypes for t in token_counts]
@@ -400,6 +367,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "protocol": f"cold calls: {DRAWS} token draws cycled, {FLUSH_BYTES >> 20} MB read before each",
+        "allocator": "freed memory retained" if retained else "system default",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

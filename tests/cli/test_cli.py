@@ -8,6 +8,7 @@ import pytest
 
 import modes
 from modes.cli.main import main
+from modes.evaluation import allocator
 
 
 def test_calibrate_search_eval_pipeline(tmp_path, capsys):
@@ -66,14 +67,19 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]
 
 
-@pytest.mark.parametrize("options", [[], ["--pack-weights"]], ids=["plain", "packed"])
-def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options):
+@pytest.mark.parametrize("options", [[], ["--pack-weights", "--system-malloc"]], ids=["plain", "packed"])
+def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeypatch):
+    retained = []  # the real call would change this test process's allocator for good
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: retained.append(True) or True)
     out = tmp_path / "bench.json"
     args = ["bench", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1", "--out", str(out)]
     args += options
     assert main(args) == 0
     report = json.loads(out.read_text())
-    assert report["pack_weights"] == bool(options)
+    assert report["pack_weights"] == ("--pack-weights" in options)
+    assert retained == ([] if "--system-malloc" in options else [True])
+    assert report["allocator"] == ("system default" if retained == [] else "freed memory retained")
+    assert report["unskipped"]["prefill_minor_page_faults"] >= 0
     assert report["plan"]["skip_ratio"] == pytest.approx(
         1 - 1 / 8
     )  # k-reduction to 1 of 8, no special tokens

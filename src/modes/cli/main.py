@@ -279,8 +279,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from modes.engine.patch import model_info
+    from modes.evaluation.allocator import retain_freed_memory
     from modes.evaluation.bench import bench, shaped_model
 
+    retained = not args.system_malloc and retain_freed_memory()  # before the model's allocations
     if args.shape:
         model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), []
     else:
@@ -306,6 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         special_token_ids=special,
         pack_weights=args.pack_weights,
     )
+    report["allocator"] = "freed memory retained" if retained else "system default"
     rows = [
         [
             label,
@@ -442,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--new-tokens", type=int, default=16)
     bench_parser.add_argument("--repeats", type=int, default=5)
     _add_pack_weights(bench_parser)
+    bench_parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocator, which frees large temporaries back to the kernel, so "
+        "every prefill pays page faults for them (by default the process keeps freed memory)",
+    )
     bench_parser.add_argument("--out", default=None)
     bench_parser.set_defaults(run=cmd_bench)
 

@@ -8,10 +8,14 @@ round after warm-up (median; the first, cold call would bias it), and bounds the
 speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
 
 The plan is applied anew for each of its rounds and removed before the unskipped model's, so
-the unskipped model never runs beside packed expert weights (``pack_weights``): with those
-copies resident its prefill often ran 1.3-1.4x slower on the CPU of BENCHMARKS.md (not
-explained: a plain tensor of the same size had no such effect), which would inflate the
-speedup. Packing again each round is not timed, but takes wall time.
+the unskipped model never runs beside packed expert weights (``pack_weights``). Packing again
+each round is not timed, but takes wall time.
+
+Minor page faults per prefill are reported: under glibc's default allocator a CPU prefill
+faults in fresh pages for its large temporaries on every call, at a cost that shifts with what
+else is resident (packed copies made it dearer), so compare with the process keeping freed
+memory (`modes.evaluation.allocator.retain_freed_memory`, which ``modes bench`` calls) or
+under jemalloc / tcmalloc.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from modes.engine import patch as engine
+from modes.evaluation.allocator import minor_page_faults
 from modes.plan import SkipPlan
 
 __all__ = ["SHAPES", "bench", "shaped_model"]
@@ -145,7 +150,9 @@ def bench(
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "step": []} for label in LABELS}
+    samples: dict[str, dict[str, list[float]]] = {
+        label: {"prefill": [], "step": [], "faults": []} for label in LABELS
+    }
     shares = []  # of the unskipped model, hooked in a prefill of its own (hooks stay off the timed ones)
     for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
         if round_number >= warmup:
@@ -153,19 +160,26 @@ def bench(
         for label in LABELS:
             if label == "plan":  # applied anew each round: see the module docstring
                 engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-            start = time.perf_counter()
+            faults, start = minor_page_faults(), time.perf_counter()
             prefill()
             prefill_s = time.perf_counter() - start
+            faults = minor_page_faults() - faults
             step_s = decode_step()
             if label == "plan":
                 engine.remove(model)
             if round_number >= warmup:
                 samples[label]["prefill"].append(prefill_s)
                 samples[label]["step"].append(step_s)
+                samples[label]["faults"].append(faults)
     rows = {}
     for label in LABELS:
         prefill_s, step_s = (statistics.median(samples[label][key]) for key in ("prefill", "step"))
-        rows[label] = {"prefill_s": prefill_s, "decode_step_s": step_s, "decode_tokens_per_s": batch / step_s}
+        rows[label] = {
+            "prefill_s": prefill_s,
+            "decode_step_s": step_s,
+            "decode_tokens_per_s": batch / step_s,
+            "prefill_minor_page_faults": statistics.median(samples[label]["faults"]),
+        }
     engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
     engine.reset_stats(model)
     prefill()

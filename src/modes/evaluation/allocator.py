@@ -1,0 +1,40 @@
+"""Keep freed memory in the process, so that timings compare kernels, not page faults.
+
+glibc's malloc hands large freed blocks back to the kernel (``mmap`` chunks, heap trimming), so
+a call that allocates large temporaries faults in fresh zeroed pages every time. On the CPU of
+BENCHMARKS.md, transformers' default experts call (Qwen3-VL-30B shape, fp32, 512 tokens) took
+38 thousand minor page faults (150 MB) per call and 1.8x as long as with the memory kept, and
+how much a fault costs varied with what else was resident (packed expert weights made it
+dearer), which skewed every comparison taken under glibc's defaults. CPU inference servers
+avoid this with jemalloc or tcmalloc (``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0``
+``MALLOC_TRIM_THRESHOLD_=...``; `retain_freed_memory` sets the latter two in a running process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import resource
+
+__all__ = ["minor_page_faults", "retain_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc serve every block from its heap and never give freed memory back,
+    so that repeated calls reuse pages instead of faulting in new ones; the process then holds
+    its peak memory. Returns False, changing nothing, where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    no_mmap = libc.mallopt(_M_MMAP_MAX, 0)
+    no_trim = libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
+    return bool(no_mmap and no_trim)  # mallopt returns 1 on success
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (pages mapped in without disk reads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

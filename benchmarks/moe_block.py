@@ -211,6 +211,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     }
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
+        calls["memory"] = _memory_read(experts)
         packed_calls["packed_floor"] = _weight_read_floor(experts, draws[0][0], packs)
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
@@ -252,6 +253,8 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "timed_calls": len(times.times["default"]), "default_ms": round(baseline * 1e3, 3),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
             "packed_weight_read_floor_ms": round(times.seconds("packed_floor") * 1e3, 3) if floor else None,
+            "memory_read_ms": round(times.seconds("memory") * 1e3, 3) if floor else None,
+            "memory_bound": round(times.speedup("memory"), 3) if floor else None,
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
             "packed_loop_ms": round(times.seconds("packed_loop") * 1e3, 3),
@@ -302,6 +305,14 @@ def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packs: Pack
     if packs is not None:
         return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), packs)
     return lambda *_: experts(hidden, index, weights)
+
+
+def _memory_read(experts: torch.nn.Module):
+    """Every weight of the module read once by a plain sum: what the memory delivers. While
+    every expert keeps rows (prefill), no kernel can execute them faster, so default / this
+    (``memory_bound``) caps the speedup of any execution on this machine, not only of ours."""
+    weights = list(experts.parameters())
+    return lambda *_: [weight.sum() for weight in weights]
 
 
 def _loop_on_every_slot(experts: torch.nn.Module, packs: PackedExperts | None = None):

@@ -3,10 +3,11 @@
 A plain weight handed to oneDNN is reordered into its blocked layout on every GEMM call, so a
 GEMM of a few rows streams the weights at a fraction of what the memory delivers. Packing each
 expert's weights once, when the model is patched, removes that reorder, with oneDNN's own
-results (bit-identical in bf16 in our checks): a MoE block at 88% skip ran 1.2-3.3x faster than
-without packing on the CPU of BENCHMARKS.md. The price is a second copy of every routed
-expert's weights (and there, other work ran up to 1.4x slower while it was resident), so it is
-opt-in (``modes.apply(..., pack_weights=True)``).
+results (bit-identical in bf16 in our checks): see BENCHMARKS.md for what it gains at high skip
+ratios on CPU. The price is a second copy of every routed expert's weights, so it is opt-in
+(``modes.apply(..., pack_weights=True)``). (Under glibc's default allocator, page faults for
+other calls' temporaries grew dearer while those copies were resident; keeping freed memory,
+`modes.evaluation.allocator`, removes both.)
 """
 
 from __future__ import annotations

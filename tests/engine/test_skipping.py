@@ -319,8 +319,8 @@ def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, 
     loop_chosen = []
     choose = execute._loop_is_cheaper
 
-    def spy(experts, kept):
-        loop_chosen.append(choose(experts, kept))
+    def spy(experts, hidden, kept):
+        loop_chosen.append(choose(experts, hidden, kept))
         return loop_chosen[-1]
 
     monkeypatch.setattr(execute, "_loop_is_cheaper", spy)

@@ -65,7 +65,7 @@ def run_compacted(
         return experts(hidden, index, weights)
     if not kept.numel():  # every slot skipped
         return torch.zeros_like(hidden)
-    if packed is not None or _loop_is_cheaper(experts, kept.numel()):
+    if packed is not None or _loop_is_cheaper(experts, hidden, kept.numel()):
         return run_expert_loop(experts, hidden, index, weights, kept, packed)
     tokens = kept // top_k  # [N]
     rows = experts(
@@ -76,12 +76,12 @@ def run_compacted(
     return _sum_per_token(rows, tokens, hidden)
 
 
-def _loop_is_cheaper(experts: nn.Module, kept: int) -> bool:
+def _loop_is_cheaper(experts: nn.Module, hidden: torch.Tensor, kept: int) -> bool:
     """On CPU, when skipping left fewer rows than experts (decode): grouped kernels there
     visit every expert, even empty ones (about 10 us each), while the loop visits only the
-    experts hit, with fewer small ops per expert than the families' eager loops."""
-    on_cpu = next(experts.parameters()).device.type == "cpu"
-    return is_experts_module(experts) and on_cpu and kept <= experts.num_experts
+    experts hit, with fewer small ops per expert than the families' eager loops. (``hidden``
+    is on the experts' device; asking it is cheaper than walking the module's parameters.)"""
+    return hidden.device.type == "cpu" and is_experts_module(experts) and kept <= experts.num_experts
 
 
 def run_expert_loop(
@@ -160,18 +160,17 @@ def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
     slot_ids = [slot_ids[i] for i in order]
     token_ids = [slot // top_k for slot in slot_ids]
     runs = [(expert, len(list(run))) for expert, run in itertools.groupby(expert_of_slot[i] for i in order)]
-    slots = torch.tensor(slot_ids, dtype=torch.long, device=kept.device)  # [N], grouped by expert
-    tokens = torch.tensor(token_ids, dtype=torch.long, device=kept.device)  # [N]
+    slots, tokens = torch.tensor([slot_ids, token_ids], dtype=torch.long, device=kept.device)  # [N] each
     return _ExpertGroups(slots, tokens, runs, token_ids)
 
 
-def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype, rows: int) -> bool:
-    """One bf16 row through an expert stored [out, in]: ATen's own bf16 GEMV (row . weight
-    rows) streams the weights near memory bandwidth, about twice as fast as oneDNN's M = 1 GEMM,
-    packed or not (measured in BENCHMARKS.md). Two or more rows, and weights stored [in, out]
-    (ATen's path is 8x slower there), stay with oneDNN."""
+def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether a single row should go through ATen's own bf16 GEMV (row . weight rows): for bf16
+    experts stored [out, in] it streams the weights near memory bandwidth, about twice as fast as
+    oneDNN's M = 1 GEMM, packed or not (measured in BENCHMARKS.md). Two or more rows, and
+    weights stored [in, out] (ATen's path is 8x slower there), stay with oneDNN."""
     onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
-    return dtype == torch.bfloat16 and rows == 1 and not experts.is_transposed and onednn_in_use
+    return dtype == torch.bfloat16 and not experts.is_transposed and onednn_in_use
 
 
 @contextlib.contextmanager
@@ -206,9 +205,10 @@ def _project_runs(
     and norm then run once over all rows, as in transformers' grouped kernel, not once per
     expert (hundreds of small ops per prefill call)."""
     outputs, start = [], 0
+    single_rows_to_gemv = _prefers_atens_gemv(experts, rows.dtype)  # asked once: about 8 us
     for expert, count in runs:
         run_rows = rows[start : start + count]  # [count, in]
-        if _prefers_atens_gemv(experts, rows.dtype, count):
+        if count == 1 and single_rows_to_gemv:
             with _onednn_disabled():
                 outputs.append(_project(experts, run_rows, name, expert, None))
         else:

@@ -21,8 +21,9 @@ no real model does.
 
 The process keeps the memory it frees (`modes.evaluation.allocator.retain_freed_memory`, as
 jemalloc or tcmalloc would in a CPU server), so that no call pays page faults for its
-temporaries: under glibc's defaults transformers' default call spent up to 45% of its time
-faulting in fresh pages, by amounts that shifted with what else was resident. Faults per call
+temporaries: under glibc's defaults transformers' default call spent 20-40% of its time
+faulting in fresh pages, by amounts that shifted with what else was resident
+(`benchmarks/page_faults.py`). Faults per call
 are recorded (``minor_faults_per_call``); ``--system-malloc`` keeps glibc's defaults.
 """
 

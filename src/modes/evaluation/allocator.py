@@ -5,9 +5,9 @@ a call that allocates large temporaries faults in fresh zeroed pages every time.
 BENCHMARKS.md, transformers' default experts call (Qwen3-VL-30B shape, fp32) took 38 thousand
 minor page faults (150 MB) per call at 512 tokens, 194 thousand at 2048, 20-24% of its time, and
 more while packed copies of the weights were resident, which skewed every comparison taken
-under glibc's defaults. CPU inference servers
-avoid this with jemalloc or tcmalloc (``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0``
-``MALLOC_TRIM_THRESHOLD_=...``; `retain_freed_memory` sets the latter two in a running process.
+under glibc's defaults. CPU inference servers avoid this with jemalloc or tcmalloc
+(``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``;
+`retain_freed_memory` sets the latter two in a running process.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ round after warm-up (median; the first, cold call would bias it), and bounds the
 speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
 
 The plan is applied anew for each of its rounds and removed before the unskipped model's, so
-the unskipped model never runs beside packed expert weights (``pack_weights``). Packing again
-each round is not timed, but takes wall time.
+the unskipped model never runs beside packed expert weights (``pack_weights``), as an unpatched
+model would not. Packing again each round is not timed, but takes wall time.
 
 Minor page faults per prefill are reported: under glibc's default allocator a CPU prefill
 faults in fresh pages for its large temporaries on every call, at a cost that shifts with what

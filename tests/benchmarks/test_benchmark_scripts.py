@@ -1,0 +1,57 @@
+"""The benchmark scripts still run, and what they report holds together (tiny shapes, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import one another by name
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.fixture(scope="module")
+def moe_block():
+    module = _script("moe_block")
+    module.SHAPES["tiny"] = dict(cls=module.Qwen3MoeExperts, hidden=64, experts=16, top_k=4, width=32)
+    return module
+
+
+@pytest.mark.parametrize("tokens", [64, 1], ids=["prefill", "decode"])
+def test_block_benchmark_case_reports_consistent_fields(moe_block, tokens):
+    result = moe_block.bench_case("tiny", torch.float32, tokens, repeats=1)
+    rows = result["rows"]
+    assert [row["target_ratio"] for row in rows] == list(moe_block.RATIOS)
+    assert rows[0]["ratio"] == 0.0
+    assert all(later["ratio"] >= earlier["ratio"] for earlier, later in itertools.pairwise(rows))
+    for row in rows:
+        assert row["ideal"] == pytest.approx(1 / (1 - row["ratio"]), rel=1e-3)
+        assert row["attainable"] <= row["ideal"]
+    prefill = tokens >= 64
+    assert (result["memory_bound"] is not None) == prefill
+    assert (result["loop_every_slot_ms"] is None) == prefill
+    assert set(result["minor_faults_per_call"]) >= {"default", "packed_loop", *map(str, moe_block.RATIOS)}
+
+
+def test_memory_table_compares_the_target_with_the_memory_bound(moe_block, capsys):
+    table = _script("table")
+    result = moe_block.bench_case("tiny", torch.float32, 64, repeats=1)
+    table.memory_table([result])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    row = next(row for row in result["rows"] if row["target_ratio"] == 0.88)
+    verdict = "yes" if 0.9 * row["ideal"] <= result["memory_bound"] else "no"
+    assert line.startswith("| tiny | float32 | 64 |") and line.endswith(f"| {verdict} |")

@@ -8,7 +8,7 @@ streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum 
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
 picks by default) and disabled (ATen's own kernels), and by oneDNN on weights packed once
 (``modes.apply(..., pack_weights=True)``). The passes are interleaved round by round; medians
-after one warm-up round; the process keeps the memory it frees (`retain_freed_memory`). This
+after one warm-up round; the process keeps the memory it frees (`choose_allocator`). This
 explains the block benchmark: the bf16 GEMV choice of modes' expert loop, and why prefill with
 a few kept rows per expert cannot reach the ideal speedup here (the kernel, not the memory,
 bounds it).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from modes.engine.packed import pack_weight, packed_linear
-from modes.evaluation.allocator import retain_freed_memory
+from modes.evaluation.allocator import choose_allocator
 
 EXPERTS, OUT, IN = 128, 2304, 2048  # Qwen3-VL-30B-A3B: 2 x 768 gate_up + 768 down, hidden 2048
 ROWS = (1, 2, 4, 8, 16)
@@ -95,12 +95,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cpu_kernels.json")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocator")
     args = parser.parse_args()
-    retained = not args.system_malloc and retain_freed_memory()
+    allocator = choose_allocator(args.system_malloc)
     machine = {
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "allocator": "freed memory retained" if retained else "system default",
+        "allocator": allocator,
     }
     results = []
     for name in args.dtypes.split(","):

@@ -23,8 +23,8 @@ The process keeps the memory it frees (`modes.evaluation.allocator.retain_freed_
 jemalloc or tcmalloc would in a CPU server), so that no call pays page faults for its
 temporaries: under glibc's defaults transformers' default call spent 20-40% of its time
 faulting in fresh pages, by amounts that shifted with what else was resident
-(`benchmarks/page_faults.py`). Faults per call
-are recorded (``minor_faults_per_call``); ``--system-malloc`` keeps glibc's defaults.
+(`benchmarks/page_faults.py`). Faults per call are recorded (``minor_faults_per_call``);
+``--system-malloc`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
-from modes.evaluation.allocator import minor_page_faults, retain_freed_memory
+from modes.evaluation.allocator import choose_allocator, minor_page_faults
 
 SHAPES = {
     "qwen3-vl-30b-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=128, top_k=8, width=768),
@@ -205,21 +205,19 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     }
     packs = PackedExperts(experts)  # one copy shared by every ratio's packed wrapper
     calls = {"default": experts, **wrappers}
-    packed_calls = {  # at ratio 0 nothing is skipped and the module itself runs, packed or not
-        ("packed", ratio): _on_packed_weights(wrapper, packs)
-        for ratio, wrapper in wrappers.items()
-        if ratio > 0
-    }
+    for ratio, wrapper in wrappers.items():  # at ratio 0 the module itself runs, packed or not
+        if ratio > 0:
+            calls[("packed", ratio)] = _on_packed_weights(wrapper, packs)
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
         calls["memory"] = _memory_read(experts)
-        packed_calls["packed_floor"] = _weight_read_floor(experts, draws[0][0], packs)
+        calls["packed_floor"] = _weight_read_floor(experts, draws[0][0], packs)
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
     # the packed loop with nothing skipped: what packing gains apart from skipping
-    packed_calls["packed_loop"] = _loop_on_every_slot(experts, packs)
+    calls["packed_loop"] = _loop_on_every_slot(experts, packs)
     timer = ColdTimer(draws)
-    times = Timings(timer.interleaved({**calls, **packed_calls}, _timed_calls(tokens, repeats)), tokens < 64)
+    times = Timings(timer.interleaved(calls, _timed_calls(tokens, repeats)), tokens < 64)
     baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
     floor_speedup = times.speedup("floor") if floor else None
     packed_floor_speedup = times.speedup("packed_floor") if floor else None
@@ -245,7 +243,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
                 **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
                 **(
                     _packed_fields(times, ("packed", ratio), ideal, packed_floor_speedup)
-                    if ("packed", ratio) in packed_calls
+                    if ("packed", ratio) in calls
                     else {}
                 ),
             }
@@ -265,8 +263,8 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
 
 
 def _on_packed_weights(wrapper: SkippingExperts, packs: PackedExperts):
-    """``wrapper``'s rule on the packed weights ``packs`` (``pack_weights=True``
-    would pack a copy per wrapper, one per ratio)."""
+    """``wrapper``'s rule on the packed weights ``packs`` (``pack_weights=True`` would pack a
+    copy per wrapper, one per ratio)."""
     twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
     twin.packed = packs
     return twin
@@ -367,7 +365,7 @@ def main() -> None:
         help="keep glibc's default allocator (calls then pay page faults for their temporaries)",
     )
     args = parser.parse_args()
-    retained = not args.system_malloc and retain_freed_memory()
+    allocator = choose_allocator(args.system_malloc)
     token_counts = [int(t) for t in args.tokens.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     cases = [(s, d, t) for s in args.shapes.split(",") for d in dtypes for t in token_counts]
@@ -379,7 +377,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "protocol": f"cold calls: {DRAWS} token draws cycled, {FLUSH_BYTES >> 20} MB read before each",
-        "allocator": "freed memory retained" if retained else "system default",
+        "allocator": allocator,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from modes.engine.packed import PackedExperts
-from modes.evaluation.allocator import minor_page_faults, retain_freed_memory
+from modes.evaluation.allocator import RETAINED, SYSTEM_DEFAULT, choose_allocator, minor_page_faults
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe_block import FLUSH_BYTES, SHAPES, build_experts, routing
@@ -49,11 +49,10 @@ def _time_calls(experts: torch.nn.Module, draw: tuple[torch.Tensor, ...]) -> dic
 @torch.no_grad()
 def measure(retain: bool, tokens: int) -> dict:
     """One process's figures: the default call alone, beside packed copies, after freeing them."""
-    retained = retain and retain_freed_memory()
+    result = {"allocator": choose_allocator(system_malloc=not retain), "tokens": tokens}  # first
     shape = SHAPES["qwen3-vl-30b-a3b"]
     experts = build_experts(shape, torch.float32)
     draw = routing(tokens, shape, torch.float32, torch.Generator().manual_seed(0))
-    result = {"allocator": "freed memory retained" if retained else "system default", "tokens": tokens}
     result["alone"] = _time_calls(experts, draw)
     packs = PackedExperts(experts)
     result["packed_copies_resident"] = _time_calls(experts, draw)
@@ -67,7 +66,7 @@ def _medians(results: list[dict]) -> list[dict]:
     """Per token count, allocator and condition: medians over the processes."""
     summary = []
     for tokens in sorted({r["tokens"] for r in results}):
-        for allocator in ("system default", "freed memory retained"):
+        for allocator in (SYSTEM_DEFAULT, RETAINED):
             runs = [r for r in results if r["tokens"] == tokens and r["allocator"] == allocator]
             row = {"tokens": tokens, "allocator": allocator, "processes": len(runs)}
             for condition in CONDITIONS:

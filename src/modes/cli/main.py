@@ -279,10 +279,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from modes.engine.patch import model_info
-    from modes.evaluation.allocator import retain_freed_memory
+    from modes.evaluation.allocator import choose_allocator
     from modes.evaluation.bench import bench, shaped_model
 
-    retained = not args.system_malloc and retain_freed_memory()  # before the model's allocations
+    allocator = choose_allocator(args.system_malloc)  # before the model's allocations
     if args.shape:
         model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), []
     else:
@@ -308,7 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         special_token_ids=special,
         pack_weights=args.pack_weights,
     )
-    report["allocator"] = "freed memory retained" if retained else "system default"
+    report["allocator"] = allocator
     rows = [
         [
             label,

@@ -16,11 +16,12 @@ import ctypes
 import platform
 import resource
 
-__all__ = ["minor_page_faults", "retain_freed_memory"]
+__all__ = ["RETAINED", "SYSTEM_DEFAULT", "choose_allocator", "minor_page_faults", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+RETAINED, SYSTEM_DEFAULT = "freed memory retained", "system default"  # as reports name them
 
 
 def retain_freed_memory() -> bool:
@@ -33,6 +34,12 @@ def retain_freed_memory() -> bool:
     no_mmap = libc.mallopt(_M_MMAP_MAX, 0)
     no_trim = libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
     return bool(no_mmap and no_trim)  # mallopt returns 1 on success
+
+
+def choose_allocator(system_malloc: bool) -> str:
+    """Keep freed memory unless ``system_malloc`` (or the C library is not glibc); returns what
+    is in use, as benchmark reports record it."""
+    return RETAINED if not system_malloc and retain_freed_memory() else SYSTEM_DEFAULT
 
 
 def minor_page_faults() -> int:

@@ -20,10 +20,11 @@ under jemalloc / tcmalloc.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -139,6 +140,15 @@ def bench(
 
     cache_keyword = _cache_keyword(model)
 
+    @contextlib.contextmanager
+    def applied() -> Iterator[None]:
+        """The plan in place for the block, and removed after it even if a call fails."""
+        engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
+        try:
+            yield
+        finally:
+            engine.remove(model)
+
     def decode_step() -> float:
         """Median seconds of one cached decode step over ``new_tokens`` greedy steps."""
         output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
@@ -158,15 +168,12 @@ def bench(
         if round_number >= warmup:
             shares.append(_moe_share(model, prefill))
         for label in LABELS:
-            if label == "plan":  # applied anew each round: see the module docstring
-                engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-            faults, start = minor_page_faults(), time.perf_counter()
-            prefill()
-            prefill_s = time.perf_counter() - start
-            faults = minor_page_faults() - faults
-            step_s = decode_step()
-            if label == "plan":
-                engine.remove(model)
+            with applied() if label == "plan" else contextlib.nullcontext():  # anew: see the docstring
+                faults, start = minor_page_faults(), time.perf_counter()
+                prefill()
+                prefill_s = time.perf_counter() - start
+                faults = minor_page_faults() - faults
+                step_s = decode_step()
             if round_number >= warmup:
                 samples[label]["prefill"].append(prefill_s)
                 samples[label]["step"].append(step_s)
@@ -180,11 +187,10 @@ def bench(
             "decode_tokens_per_s": batch / step_s,
             "prefill_minor_page_faults": statistics.median(samples[label]["faults"]),
         }
-    engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
-    engine.reset_stats(model)
-    prefill()
-    rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
-    engine.remove(model)
+    with applied():
+        engine.reset_stats(model)
+        prefill()
+        rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = _paired_speedup(samples, "prefill")

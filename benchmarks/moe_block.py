@@ -42,7 +42,8 @@ from transformers import AutoConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from modes.engine.execute import run_expert_loop
+from modes.engine.compiled import CompiledExperts
+from modes.engine.execute import CpuPath, run_expert_loop
 from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing
 from modes.engine.tokens import TokenContext
@@ -203,106 +204,145 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
         )
         for ratio in RATIOS
     }
-    packs = PackedExperts(experts)  # one copy shared by every ratio's packed wrapper
+    paths = _cpu_paths(experts)  # one of each, shared by every ratio's wrapper
     calls = {"default": experts, **wrappers}
-    for ratio, wrapper in wrappers.items():  # at ratio 0 the module itself runs, packed or not
-        if ratio > 0:
-            calls[("packed", ratio)] = _on_packed_weights(wrapper, packs)
+    for ratio, wrapper in wrappers.items():  # at ratio 0 the module itself runs, on any path
+        for path_name, path in paths.items():
+            if ratio > 0:
+                calls[(path_name, ratio)] = _on_path(wrapper, path)
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
         calls["memory"] = _memory_read(experts)
-        calls["packed_floor"] = _weight_read_floor(experts, draws[0][0], packs)
+        for path_name, path in paths.items():
+            calls[f"{path_name}_floor"] = _weight_read_floor(experts, draws[0][0], path)
     else:  # decode: modes' CPU loop runs the kept rows, so time its kernels apart from skipping
         calls["loop"] = _loop_on_every_slot(experts)
-    # the packed loop with nothing skipped: what packing gains apart from skipping
-    calls["packed_loop"] = _loop_on_every_slot(experts, packs)
+    for path_name, path in paths.items():  # each path's loop with nothing skipped: its own gain
+        calls[f"{path_name}_loop"] = _loop_on_every_slot(experts, path)
     timer = ColdTimer(draws)
     times = Timings(timer.interleaved(calls, _timed_calls(tokens, repeats)), tokens < 64)
     baseline, floor, loop = times.seconds("default"), times.seconds("floor"), times.seconds("loop")
     floor_speedup = times.speedup("floor") if floor else None
-    packed_floor_speedup = times.speedup("packed_floor") if floor else None
     rows = []
+    default_hits = _experts_hit(draws, wrappers[0.0].rule)
     for ratio, wrapper in wrappers.items():
         wrapper.counter.reset()
         for draw in draws:
             wrapper(*draw)
         realised = float(wrapper.counter.skipped.sum() / wrapper.counter.total.sum())
         ideal = 1 / (1 - realised) if realised < 1 else float("inf")
-        attainable = _attainable(ideal, floor_speedup)
+        hits = _experts_hit(draws, wrapper.rule)
+        expert_reads = default_hits / hits if hits else None  # decode's cap: experts read
+        attainable = _attainable(ideal, floor_speedup if floor else expert_reads)
         speedup = times.speedup(ratio)
-        rows.append(
-            {
-                "target_ratio": ratio,
-                "ratio": round(realised, 4),
-                "ms": round(times.seconds(ratio) * 1e3, 3),
-                "speedup": round(speedup, 3),
-                "ideal": round(ideal, 3),
-                "fraction_of_ideal": round(speedup / ideal, 3),
-                "attainable": round(attainable, 3),
-                "fraction_of_attainable": round(speedup / attainable, 3),
-                **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
-                **(
-                    _packed_fields(times, ("packed", ratio), ideal, packed_floor_speedup)
-                    if ("packed", ratio) in calls
-                    else {}
-                ),
-            }
-        )
+        row = {
+            "target_ratio": ratio,
+            "ratio": round(realised, 4),
+            "experts_hit": round(hits, 3),
+            "ms": round(times.seconds(ratio) * 1e3, 3),
+            "speedup": round(speedup, 3),
+            "ideal": round(ideal, 3),
+            "fraction_of_ideal": round(speedup / ideal, 3),
+            "attainable": round(attainable, 3),
+            "fraction_of_attainable": round(speedup / attainable, 3),
+            **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
+        }
+        for path_name in paths:
+            if ratio > 0:
+                cap = times.speedup(f"{path_name}_floor") if floor else expert_reads
+                row.update(_path_fields(times, path_name, ratio, ideal, cap))
+        rows.append(row)
+    path_fields = {}
+    for path_name in paths:
+        path_fields[f"{path_name}_loop_ms"] = round(times.seconds(f"{path_name}_loop") * 1e3, 3)
+        path_fields[f"{path_name}_loop_gain"] = round(times.speedup(f"{path_name}_loop"), 3)
+        if floor:
+            path_fields[f"{path_name}_weight_read_floor_ms"] = round(
+                times.seconds(f"{path_name}_floor") * 1e3, 3
+            )
     return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
             "timed_calls": len(times.times["default"]), "default_ms": round(baseline * 1e3, 3),
+            "cpu_paths": list(paths),
             "weight_read_floor_ms": round(floor * 1e3, 3) if floor else None,
-            "packed_weight_read_floor_ms": round(times.seconds("packed_floor") * 1e3, 3) if floor else None,
             "memory_read_ms": round(times.seconds("memory") * 1e3, 3) if floor else None,
             "memory_bound": round(times.speedup("memory"), 3) if floor else None,
             "loop_every_slot_ms": round(loop * 1e3, 3) if loop else None,
             "loop_gain": round(times.speedup("loop"), 3) if loop else None,
-            "packed_loop_ms": round(times.seconds("packed_loop") * 1e3, 3),
-            "packed_loop_gain": round(times.speedup("packed_loop"), 3),
+            **path_fields,
+            "default_experts_hit": round(default_hits, 3),
             "minor_faults_per_call": timer.faults_per_call(),
             "rows": rows}  # fmt: skip
 
 
-def _on_packed_weights(wrapper: SkippingExperts, packs: PackedExperts):
-    """``wrapper``'s rule on the packed weights ``packs`` (``pack_weights=True`` would pack a
-    copy per wrapper, one per ratio)."""
+def _cpu_paths(experts: torch.nn.Module) -> dict[str, CpuPath]:
+    """The CPU paths `modes.apply` offers for ``experts``: oneDNN-packed copies (``packed``,
+    ``pack_weights=True``) and modes' compiled kernel (``compiled``, ``cpu_kernel=True``) where
+    it builds and runs this layout and dtype."""
+    paths: dict[str, CpuPath] = {"packed": PackedExperts(experts)}
+    try:
+        paths["compiled"] = CompiledExperts(experts)
+    except ValueError as refusal:
+        print(f"  (no compiled path: {refusal})", flush=True)
+    return paths
+
+
+def _on_path(wrapper: SkippingExperts, path: CpuPath) -> SkippingExperts:
+    """``wrapper``'s rule on the CPU path ``path`` (``modes.apply`` would make one per wrapper:
+    for packed weights, a copy per ratio)."""
     twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
-    twin.packed = packs
+    twin.cpu_path = path
     return twin
 
 
-def _attainable(ideal: float, floor_speedup: float | None) -> float:
-    """The ideal speedup, capped in prefill by the kernels' one-row-per-expert floor."""
-    return min(ideal, floor_speedup) if floor_speedup else ideal
+def _attainable(ideal: float, cap: float | None) -> float:
+    """The ideal speedup, capped in prefill by the kernels' one-row-per-expert floor and in
+    decode by the experts read (`_experts_hit`)."""
+    return min(ideal, cap) if cap else ideal
 
 
-def _packed_fields(
-    times: Timings, label: tuple[str, float], ideal: float, packed_floor_speedup: float | None
-) -> dict:
-    speedup, over_loop = times.speedup(label), times.speedup(label, "packed_loop")
-    attainable = _attainable(ideal, packed_floor_speedup)
+def _experts_hit(draws: list[tuple[torch.Tensor, ...]], rule: FixedRule) -> float:
+    """Mean number of distinct experts the slots ``rule`` keeps route to, over the draws.
+
+    A decode call reads the weights of every expert hit and computes almost nothing, so its
+    time follows this count, not the slots: when several of the default's slots share an
+    expert (8 tokens x 4 slots over GPT-OSS's 32 experts hit about 20), skipping saves fewer
+    expert reads than slots, and default hits / hits at r bounds the speedup below 1 / (1 - r).
+    """
+    counts = []
+    for _, index, weights in draws:
+        kept = ~rule.skip_mask(Routing.of(weights))  # [T, k]
+        counts.append(index[kept].unique().numel())
+    return statistics.mean(counts)
+
+
+def _path_fields(times: Timings, path_name: str, ratio: float, ideal: float, cap: float | None) -> dict:
+    """A CPU path's cells at ``ratio``: speedup over the default (fraction of the ideal and of
+    what the path's own floor, or the experts read, allow) and over its loop with every slot kept."""
+    label = (path_name, ratio)
+    speedup, over_loop = times.speedup(label), times.speedup(label, f"{path_name}_loop")
+    attainable = _attainable(ideal, cap)
     return {
-        "packed_ms": round(times.seconds(label) * 1e3, 3),
-        "packed_speedup": round(speedup, 3),
-        "packed_fraction_of_ideal": round(speedup / ideal, 3),
-        "packed_attainable": round(attainable, 3),
-        "packed_fraction_of_attainable": round(speedup / attainable, 3),
-        "packed_speedup_over_packed_loop": round(over_loop, 3),
-        "packed_fraction_of_ideal_over_packed_loop": round(over_loop / ideal, 3),
+        f"{path_name}_ms": round(times.seconds(label) * 1e3, 3),
+        f"{path_name}_speedup": round(speedup, 3),
+        f"{path_name}_fraction_of_ideal": round(speedup / ideal, 3),
+        f"{path_name}_attainable": round(attainable, 3),
+        f"{path_name}_fraction_of_attainable": round(speedup / attainable, 3),
+        f"{path_name}_speedup_over_{path_name}_loop": round(over_loop, 3),
+        f"{path_name}_fraction_of_ideal_over_{path_name}_loop": round(over_loop / ideal, 3),
     }
 
 
-def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, packs: PackedExperts | None = None):
-    """The module (or, given ``packs``, modes' loop on the packed weights) with one row per
-    expert: every expert's weights read once, almost no compute. While skipping leaves every
-    expert at least one row (prefill), no execution of the kept rows by those kernels can beat
-    it, so the attainable speedup is min(1 / (1 - r), default / floor). (It is the kernels'
-    floor: small-M GEMMs stream weights below what the memory delivers on this CPU, see
-    BENCHMARKS.md.)"""
+def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, path: CpuPath | None = None):
+    """The module (or, given a CPU ``path``, modes' loop on it) with one row per expert: every
+    expert's weights read once, almost no compute. While skipping leaves every expert at least
+    one row (prefill), no execution of the kept rows by those kernels can beat it, so the
+    attainable speedup is min(1 / (1 - r), default / floor). (It is the kernels' floor: small-M
+    GEMMs stream weights below what the memory delivers on this CPU, see BENCHMARKS.md.)"""
     count = experts.num_experts
     hidden = torch.randn(count, like.shape[1], generator=torch.Generator().manual_seed(1)).to(like.dtype)
     index, weights = torch.arange(count).unsqueeze(1), torch.ones(count, 1, dtype=like.dtype)  # k = 1
-    if packs is not None:
-        return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), packs)
+    if path is not None:
+        return lambda *_: run_expert_loop(experts, hidden, index, weights, torch.arange(count), path)
     return lambda *_: experts(hidden, index, weights)
 
 
@@ -314,12 +354,12 @@ def _memory_read(experts: torch.nn.Module):
     return lambda *_: [weight.sum() for weight in weights]
 
 
-def _loop_on_every_slot(experts: torch.nn.Module, packs: PackedExperts | None = None):
+def _loop_on_every_slot(experts: torch.nn.Module, path: CpuPath | None = None):
     """modes' CPU expert loop with nothing skipped: against the default, what its kernels alone
     gain (the loop calls ATen's bf16 GEMV for single rows, where the default calls oneDNN, and
-    oneDNN on packed weights when given them)."""
+    a CPU ``path``'s kernels when given one)."""
     return lambda hidden, index, weights: run_expert_loop(
-        experts, hidden, index, weights, torch.arange(index.numel()), packs
+        experts, hidden, index, weights, torch.arange(index.numel()), path
     )
 
 
@@ -395,7 +435,7 @@ def main() -> None:
         results.append(result)
         cells = "  ".join(
             f"{r['ratio']:.2f}:{r['speedup']:.2f}x({r['fraction_of_ideal']:.0%})"
-            + (f"/packed {r['packed_speedup']:.2f}x" if "packed_speedup" in r else "")
+            + "".join(f"/{p} {r[f'{p}_speedup']:.2f}x" for p in result["cpu_paths"] if f"{p}_speedup" in r)
             for r in result["rows"]
         )
         head = f"{name:18s} {result['dtype']:8s} T={tokens:<5d} default {result['default_ms']:9.2f} ms"

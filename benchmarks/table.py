@@ -15,8 +15,9 @@ COLUMNS = (0.0, 0.5, 0.75, 0.88)
 
 
 def bound(row: dict, prefix: str) -> str:
-    """`` [fraction of the attainable speedup]`` where the kernels' one-row-per-expert floor
-    (plain, or with ``prefix`` "packed_" the packed loop's) caps it below the ideal."""
+    """`` [fraction of the attainable speedup]`` where it lies below the ideal: in prefill the
+    kernels' one-row-per-expert floor caps it (plain, or with ``prefix`` "packed_" the packed
+    loop's), in decode the experts whose weights are read (default hits / hits at r)."""
     attainable = row.get(f"{prefix}attainable", row["ideal"])
     if attainable >= row["ideal"]:
         return ""

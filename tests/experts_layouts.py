@@ -65,9 +65,9 @@ def record_projections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool
     seen: list[tuple[bool, bool]] = []
     project = execute._project
 
-    def recording(experts, rows, name, expert, packed):
-        seen.append((torch.backends.mkldnn.enabled, packed is not None))
-        return project(experts, rows, name, expert, packed)
+    def recording(experts, rows, name, expert, linear):
+        seen.append((torch.backends.mkldnn.enabled, linear is not None))
+        return project(experts, rows, name, expert, linear)
 
     monkeypatch.setattr(execute, "_project", recording)
     return seen

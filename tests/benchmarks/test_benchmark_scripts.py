@@ -42,9 +42,21 @@ def test_block_benchmark_case_reports_consistent_fields(moe_block, tokens):
         assert row["ideal"] == pytest.approx(1 / (1 - row["ratio"]), rel=1e-3)
         assert row["attainable"] <= row["ideal"]
     prefill = tokens >= 64
+    if not prefill:  # decode: capped by the experts read, not the slots
+        for row in rows[1:]:
+            cap = result["default_experts_hit"] / row["experts_hit"] if row["experts_hit"] else row["ideal"]
+            assert row["attainable"] == pytest.approx(min(row["ideal"], cap), rel=1e-2)
     assert (result["memory_bound"] is not None) == prefill
     assert (result["loop_every_slot_ms"] is None) == prefill
     assert set(result["minor_faults_per_call"]) >= {"default", "packed_loop", *map(str, moe_block.RATIOS)}
+
+
+def test_experts_hit_counts_each_expert_once_per_draw(moe_block):
+    index = torch.tensor([[0, 1], [0, 2]])  # two tokens share expert 0
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    draws = [(None, index, weights), (None, index[:1], weights[:1])]
+    assert moe_block._experts_hit(draws, moe_block.FixedRule(0.0)) == (3 + 2) / 2
+    assert moe_block._experts_hit(draws, moe_block.FixedRule(0.5)) == (1 + 1) / 2  # both keep expert 0
 
 
 def test_memory_table_compares_the_target_with_the_memory_bound(moe_block, capsys):

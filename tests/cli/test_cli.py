@@ -28,13 +28,18 @@ def test_calibrate_search_eval_pipeline(tmp_path, capsys):
         assert key in data
     assert 0 < data["skip_ratio"] < 1
     assert "skip ratio" in capsys.readouterr().out
-    packed = tmp_path / "eval_packed.json"
-    assert main(["eval", "--samples", "24", "--plan", str(plan), "--pack-weights", "--out", str(packed)]) == 0
-    packed_data = json.loads(packed.read_text())
-    assert (data["pack_weights"], packed_data["pack_weights"]) == (False, True)
-    assert packed_data["skip_ratio"] == data["skip_ratio"]
-    kl, packed_kl = data["fidelity"]["mean_kl"], packed_data["fidelity"]["mean_kl"]
-    assert packed_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    for flag, field in (("--pack-weights", "pack_weights"), ("--cpu-kernel", "cpu_kernel")):
+        faster = tmp_path / f"eval_{field}.json"
+        assert main(["eval", "--samples", "24", "--plan", str(plan), flag, "--out", str(faster)]) == 0
+        faster_data = json.loads(faster.read_text())
+        assert (data[field], faster_data[field]) == (False, True)
+        assert faster_data["skip_ratio"] == data["skip_ratio"]
+        kl, faster_kl = data["fidelity"]["mean_kl"], faster_data["fidelity"]["mean_kl"]
+        assert faster_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    with pytest.raises(SystemExit) as refused:  # one CPU path at a time, as argparse says
+        main(["eval", "--pack-weights", "--cpu-kernel"])
+    assert refused.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_errors_exit_2_with_the_reason(tmp_path, capsys):
@@ -67,7 +72,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]
 
 
-@pytest.mark.parametrize("options", [[], ["--pack-weights", "--system-malloc"]], ids=["plain", "packed"])
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--pack-weights", "--system-malloc"], ["--cpu-kernel"]],
+    ids=["plain", "packed", "compiled"],
+)
 def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeypatch):
     retained = []  # the real call would change this test process's allocator for good
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda: retained.append(True) or True)
@@ -77,6 +86,7 @@ def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeyp
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["pack_weights"] == ("--pack-weights" in options)
+    assert report["cpu_kernel"] == ("--cpu-kernel" in options)
     assert retained == ([] if "--system-malloc" in options else [True])
     assert report["allocator"] == ("system default" if retained == [] else "freed memory retained")
     assert report["unskipped"]["prefill_minor_page_faults"] >= 0

@@ -29,7 +29,7 @@ def test_packed_weights_give_the_grouped_kernels_result(model_type, class_name, 
     hidden, weights = hidden.to(dtype), weights.to(dtype)
     skip = keep_first_slot_of_most_tokens(index)
     expected = experts(hidden, index, weights.masked_fill(skip, 0))
-    got = run_experts(experts, hidden, index, weights, skip, packed=PackedExperts(experts))
+    got = run_experts(experts, hidden, index, weights, skip, cpu_path=PackedExperts(experts))
     assert got.dtype == dtype
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
     assert torch.equal(got[0], torch.zeros_like(got[0]))
@@ -39,7 +39,7 @@ def test_a_call_that_skips_nothing_runs_the_module_itself():
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
     hidden, index, weights = routing(experts, tokens=40)
     skip = torch.zeros_like(index, dtype=torch.bool)
-    got = run_experts(experts, hidden, index, weights, skip, packed=PackedExperts(experts))
+    got = run_experts(experts, hidden, index, weights, skip, cpu_path=PackedExperts(experts))
     assert torch.equal(got, experts(hidden, index, weights))
 
 
@@ -51,7 +51,7 @@ def test_eager_modules_use_the_packed_weights_too():
     calls = []
     linear = packed.linear
     packed.linear = lambda *args: calls.append(args[:2]) or linear(*args)
-    got = run_experts(experts, hidden, index, weights, skip, packed=packed)
+    got = run_experts(experts, hidden, index, weights, skip, cpu_path=packed)
     expected = experts(hidden, index, weights.masked_fill(skip, 0))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert {name for name, _ in calls} == {"gate_up_proj", "down_proj"}
@@ -77,7 +77,7 @@ def test_weights_changed_after_packing_fall_back_to_the_module(change):
     hidden, weights = hidden.to(dtype), weights.to(dtype)
     assert not packed.usable_for(experts, hidden)
     skip = keep_first_slot_of_most_tokens(index)
-    got = run_experts(experts, hidden, index, weights, skip, packed=packed)
+    got = run_experts(experts, hidden, index, weights, skip, cpu_path=packed)
     expected = experts(hidden, index, weights.masked_fill(skip, 0))
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
 
@@ -90,7 +90,7 @@ def test_single_bf16_rows_still_take_atens_gemv(monkeypatch):
     hidden = torch.randn(3, SMALL["hidden_size"]).bfloat16()
     index = torch.tensor([[0, 3], [2, 4], [2, 5]])
     skip = torch.tensor([[False, True]] * 3)  # expert 0 keeps one row, expert 2 two
-    run_experts(experts, hidden, index, torch.rand(3, 2).bfloat16(), skip, packed=packed)
+    run_experts(experts, hidden, index, torch.rand(3, 2).bfloat16(), skip, cpu_path=packed)
     one_row, two_rows = (False, False), (True, True)  # (oneDNN on, packed weights)
     assert seen == [one_row, two_rows] * 2  # gate-up projections, then down
     assert torch.backends.mkldnn.enabled

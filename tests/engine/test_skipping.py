@@ -334,30 +334,42 @@ def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, 
         assert any(loop_chosen), "a decode-sized call should have taken the expert loop"
 
 
+def cpu_path_refusal(model, option: str) -> str | None:
+    """What ``modes.apply(model, ..., **{option: True})`` must refuse with, if anything."""
+    if spec_for(model.config.model_type).dense_router:
+        return f"{option} does not apply to {model.config.model_type}"
+    experts = next(m for m in model.modules() if modes.engine.execute.is_experts_module(m))
+    if option == "cpu_kernel" and experts.is_transposed:
+        return r"stores them \[in, out\]"
+    return None
+
+
+@pytest.mark.parametrize("option", ["pack_weights", "cpu_kernel"])
 @pytest.mark.parametrize("tiny", FAMILIES)
-def test_packed_weights_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny):
+def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny, option):
     model = build(tiny)
     ids = prompts(tiny)
-    if spec_for(model.config.model_type).dense_router:
-        with pytest.raises(ValueError, match="pack_weights does not apply to llama4_text"):
-            modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+    refusal = cpu_path_refusal(model, option)
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
+            modes.apply(model, make_plan(model, tiny, tau=0.0), **{option: True})
         assert not modes.engine.is_patched(model)
         return
     with torch.no_grad():
         reference = model(**call_kwargs(tiny, ids)).logits
         reference_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
-        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+        modes.apply(model, make_plan(model, tiny, tau=0.0), **{option: True})
         assert torch.equal(model(**call_kwargs(tiny, ids)).logits, reference)
         generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
     assert torch.equal(generation, reference_generation)
     modes.remove(model)
     plan = make_plan(model, tiny, tau=MODERATE, seed=3)
-    assert_matches_dense_reference(model, tiny, plan, ids, pack_weights=True)
+    assert_matches_dense_reference(model, tiny, plan, ids, **{option: True})
     with torch.no_grad():
-        packed_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+        faster_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
         modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
-        unpacked_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
-    assert torch.equal(packed_generation, unpacked_generation)
+        plain_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(faster_generation, plain_generation)
 
 
 def test_a_model_that_cannot_be_packed_is_left_untouched():
@@ -376,7 +388,7 @@ def test_remove_releases_the_packed_copies():
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny)
     modes.apply(model, make_plan(model, tiny, tau=MODERATE), pack_weights=True)
-    packs = [weakref.ref(site.module.packed) for site in modes.engine.patch.moe_sites(model)]
+    packs = [weakref.ref(site.module.cpu_path) for site in modes.engine.patch.moe_sites(model)]
     assert packs and all(pack() is not None for pack in packs)
     gc.disable()  # freed by reference counting alone, as soon as the patch goes
     try:

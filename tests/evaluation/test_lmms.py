@@ -10,6 +10,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 
 import modes
+from modes.engine.compiled import CompiledExperts
+from modes.engine.packed import PackedExperts
 from modes.evaluation import lmms_tasks
 from modes.evaluation.lmms import ModesLMM
 from modes.evaluation.lmms_tasks import utils as task
@@ -76,10 +78,12 @@ def test_tiny_offline_task_scores_what_modes_evaluate_scores(tmp_path):
     skipping.task_dict = task_dict
     answers = skipping.generate_until(requests)
     assert skipping.skip_stats()["per_modality"]["text"]["ratio"] == 0.75
-    packed = ModesLMM(plan=str(tmp_path / "plan.json"), batch_size=8, pack_weights="True")
-    packed.task_dict = task_dict
-    assert all(site.module.packed is not None for site in modes.engine.patch.moe_sites(packed.model))
-    assert packed.generate_until(requests) == answers
+    for option, path in (("pack_weights", PackedExperts), ("cpu_kernel", CompiledExperts)):
+        faster = ModesLMM(plan=str(tmp_path / "plan.json"), batch_size=8, **{option: "True"})
+        faster.task_dict = task_dict
+        sites = modes.engine.patch.moe_sites(faster.model)
+        assert all(isinstance(site.module.cpu_path, path) for site in sites)
+        assert faster.generate_until(requests) == answers
 
 
 def test_boolean_model_args_are_checked():

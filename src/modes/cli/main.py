@@ -153,10 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, processor = load_model(args.model)
     samples = _samples(args)
     plan = SkipPlan.load(args.plan) if args.plan else None
-    options = dict(batch_size=args.batch_size, pack_weights=args.pack_weights)
+    options = dict(batch_size=args.batch_size, pack_weights=args.pack_weights, cpu_kernel=args.cpu_kernel)
     report = evaluate(model, processor, samples, plan=plan, **options)
     report.pop("answers")
-    report["pack_weights"] = args.pack_weights
+    report["pack_weights"], report["cpu_kernel"] = args.pack_weights, args.cpu_kernel
     if plan is not None:
         report["fidelity"] = fidelity(model, processor, samples, plan, **options)
     rows = [[skill, f"{acc:.4f}"] for skill, acc in report["per_skill"].items()]
@@ -307,6 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         special_token_ids=special,
         pack_weights=args.pack_weights,
+        cpu_kernel=args.cpu_kernel,
     )
     report["allocator"] = allocator
     rows = [
@@ -373,11 +374,17 @@ def _add_of_skippable(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_pack_weights(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _add_cpu_paths(parser: argparse.ArgumentParser) -> None:
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument(
         "--pack-weights",
         action="store_true",
         help="CPU: apply the plan with oneDNN-packed expert weights (faster, a second copy in memory)",
+    )
+    paths.add_argument(
+        "--cpu-kernel",
+        action="store_true",
+        help="CPU with AVX-512: run kept rows on modes' compiled kernel (faster, no copy; built once)",
     )
 
 
@@ -411,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(eval_parser, "test", None)
     eval_parser.add_argument("--plan", default=None)
     eval_parser.add_argument("--out", default=None, help="report JSON")
-    _add_pack_weights(eval_parser)
+    _add_cpu_paths(eval_parser)
     eval_parser.set_defaults(run=cmd_eval, batch_size=64)
 
     demo_parser = commands.add_parser("demo", help="the whole pipeline on the bundled model")
@@ -444,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--prompt-tokens", type=int, default=512)
     bench_parser.add_argument("--new-tokens", type=int, default=16)
     bench_parser.add_argument("--repeats", type=int, default=5)
-    _add_pack_weights(bench_parser)
+    _add_cpu_paths(bench_parser)
     bench_parser.add_argument(
         "--system-malloc",
         action="store_true",

@@ -9,9 +9,9 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
   unchanged (no overhead, bit-identical). On CPU, a call left with fewer kept rows than
   experts (decode) runs a loop over the experts hit instead (`run_expert_loop`), which sends
-  a single bf16 row through ATen's GEMV rather than oneDNN. With expert weights packed for
-  oneDNN (`PackedExperts`, opt-in), every CPU call that skips something runs that loop on the
-  packed weights, whatever the implementation.
+  a single bf16 row through ATen's GEMV rather than oneDNN. A `CpuPath` made at `apply`
+  (opt-in) runs that loop's projections faster, whatever the implementation: expert weights
+  packed for oneDNN (`PackedExperts`), or modes' compiled kernel (`CompiledExperts`).
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # packed.py imports this module
-    from modes.engine.packed import PackedExperts
-
 __all__ = [
+    "CpuPath",
     "is_experts_module",
+    "project_each_expert",
     "run_compacted",
     "run_expert_loop",
     "run_experts",
@@ -51,13 +50,32 @@ def is_experts_module(module: nn.Module) -> bool:
     )
 
 
+class CpuPath(Protocol):
+    """A faster CPU execution of one experts module's projections, made when the model is patched."""
+
+    def usable_for(self, experts: nn.Module, hidden: torch.Tensor) -> bool:
+        """Whether it still holds for ``experts`` and inputs like ``hidden`` (device, dtype, weights)."""
+        ...
+
+    def runs_loop(self, kept: int, num_experts: int) -> bool:
+        """Whether a call keeping ``kept`` rows runs the expert loop (else the module's own kernel)."""
+        ...
+
+    def project_runs(
+        self, experts: nn.Module, rows: torch.Tensor, name: str, runs: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """``rows`` [N, in] grouped in ``runs`` of (expert, count) through projection ``name``
+        -> [N, out], no bias."""
+        ...
+
+
 def run_compacted(
     experts: nn.Module,
     hidden: torch.Tensor,
     index: torch.Tensor,
     weights: torch.Tensor,
     skip: torch.Tensor,
-    packed: PackedExperts | None = None,
+    cpu_path: CpuPath | None = None,
 ) -> torch.Tensor:
     num_tokens, top_k = index.shape
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
@@ -65,8 +83,10 @@ def run_compacted(
         return experts(hidden, index, weights)
     if not kept.numel():  # every slot skipped
         return torch.zeros_like(hidden)
-    if packed is not None or _loop_is_cheaper(experts, hidden, kept.numel()):
-        return run_expert_loop(experts, hidden, index, weights, kept, packed)
+    if cpu_path is not None and cpu_path.runs_loop(kept.numel(), experts.num_experts):
+        return run_expert_loop(experts, hidden, index, weights, kept, cpu_path)
+    if cpu_path is None and _loop_is_cheaper(experts, hidden, kept.numel()):
+        return run_expert_loop(experts, hidden, index, weights, kept)
     tokens = kept // top_k  # [N]
     rows = experts(
         hidden[tokens],  # [N, H]
@@ -90,12 +110,12 @@ def run_expert_loop(
     index: torch.Tensor,
     weights: torch.Tensor,
     kept: torch.Tensor,
-    packed: PackedExperts | None = None,
+    cpu_path: CpuPath | None = None,
 ) -> torch.Tensor:
-    """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to, one
-    expert at a time: the same math as transformers' grouped kernel, for any experts module
-    described by ``use_experts_implementation`` (layout, bias, gate and norm flags), on the
-    module's weights or on their packed copies ``packed``.
+    """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to,
+    grouped by expert: the same math as transformers' grouped kernel, for any experts module
+    described by ``use_experts_implementation`` (layout, bias, gate and norm flags), its
+    projections one expert at a time on the module's weights, or by ``cpu_path``.
 
     Each small op counts when rows are few (decode): when every token keeps exactly one slot
     there is nothing to sum, so its weighted row is its output.
@@ -106,9 +126,9 @@ def run_expert_loop(
     groups = _group_by_expert(index, kept, few=kept.numel() <= experts.num_experts)
     rows = hidden if groups.in_token_order(num_tokens) else hidden[groups.tokens]  # [N, H]
     first = "gate_up_proj" if experts.has_gate else "up_proj"
-    projected = _project_runs(experts, rows, first, groups.runs, packed)  # [N, 2I] or [N, I]
+    projected = _project_runs(experts, rows, first, groups, cpu_path)  # [N, 2I] or [N, I]
     inner = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # [N, I]
-    out_rows = _project_runs(experts, inner, "down_proj", groups.runs, packed)  # [N, H]
+    out_rows = _project_runs(experts, inner, "down_proj", groups, cpu_path)  # [N, H]
     if experts.has_post_expert_norm:
         out_rows = experts.post_expert_norm(out_rows)
     weighted = out_rows * weights.reshape(-1)[groups.slots].unsqueeze(1)  # [N, H]
@@ -121,11 +141,12 @@ def run_expert_loop(
 
 
 class _ExpertGroups(NamedTuple):
-    """Kept slots ordered by expert: ``slots`` and their ``tokens`` [N], ``runs`` of
-    (expert, rows), and ``token_ids`` on the host when they were grouped there (few rows)."""
+    """Kept slots ordered by expert: ``slots``, their ``tokens`` and ``experts`` [N], ``runs``
+    of (expert, rows), and ``token_ids`` on the host when they were grouped there (few rows)."""
 
     slots: torch.Tensor
     tokens: torch.Tensor
+    experts: torch.Tensor
     runs: list[tuple[int, int]]
     token_ids: list[int] | None
 
@@ -149,7 +170,7 @@ def _group_with_tensor_ops(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGr
     slots = kept[order]  # [N], grouped by expert
     hit, counts = torch.unique_consecutive(experts_of_slots, return_counts=True)  # [X], [X]
     runs = list(zip(hit.tolist(), counts.tolist(), strict=True))
-    return _ExpertGroups(slots, slots // index.shape[1], runs, None)
+    return _ExpertGroups(slots, slots // index.shape[1], experts_of_slots, runs, None)
 
 
 def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
@@ -158,10 +179,13 @@ def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
     expert_of_slot = index.reshape(-1)[kept].tolist()
     order = sorted(range(len(slot_ids)), key=expert_of_slot.__getitem__)  # stable, by expert
     slot_ids = [slot_ids[i] for i in order]
+    expert_ids = [expert_of_slot[i] for i in order]
     token_ids = [slot // top_k for slot in slot_ids]
-    runs = [(expert, len(list(run))) for expert, run in itertools.groupby(expert_of_slot[i] for i in order)]
-    slots, tokens = torch.tensor([slot_ids, token_ids], dtype=torch.long, device=kept.device)  # [N] each
-    return _ExpertGroups(slots, tokens, runs, token_ids)
+    runs = [(expert, len(list(run))) for expert, run in itertools.groupby(expert_ids)]
+    slots, tokens, experts = torch.tensor(
+        [slot_ids, token_ids, expert_ids], dtype=torch.long, device=kept.device
+    )
+    return _ExpertGroups(slots, tokens, experts, runs, token_ids)
 
 
 def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype) -> bool:
@@ -194,16 +218,28 @@ def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tenso
 
 
 def _project_runs(
+    experts: nn.Module, rows: torch.Tensor, name: str, groups: _ExpertGroups, cpu_path: CpuPath | None
+) -> torch.Tensor:
+    """``rows`` [N, in], grouped by expert, through their experts' projection ``name`` -> [N, out]."""
+    if cpu_path is not None:
+        out = cpu_path.project_runs(experts, rows, name, groups.runs)
+    else:
+        out = project_each_expert(experts, rows, name, groups.runs)
+    return out + getattr(experts, f"{name}_bias")[groups.experts] if experts.has_bias else out
+
+
+def project_each_expert(
     experts: nn.Module,
     rows: torch.Tensor,
     name: str,
     runs: list[tuple[int, int]],
-    packed: PackedExperts | None,
+    linear: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``rows`` [N, in], grouped in ``runs`` of (expert, count), each run through its expert's
-    projection ``name`` -> [N, out]. Only the GEMMs go expert by expert: the gate, activation
-    and norm then run once over all rows, as in transformers' grouped kernel, not once per
-    expert (hundreds of small ops per prefill call)."""
+    projection ``name`` -> [N, out], no bias: by ``linear(name, expert, rows)`` when given (packed
+    weights), else on the module's weights. Only the GEMMs go expert by expert: the gate,
+    activation and norm then run once over all rows, as in transformers' grouped kernel, not
+    once per expert (hundreds of small ops per prefill call)."""
     outputs, start = [], 0
     single_rows_to_gemv = _prefers_atens_gemv(experts, rows.dtype)  # asked once: about 8 us
     for expert, count in runs:
@@ -212,20 +248,22 @@ def _project_runs(
             with _onednn_disabled():
                 outputs.append(_project(experts, run_rows, name, expert, None))
         else:
-            outputs.append(_project(experts, run_rows, name, expert, packed))
+            outputs.append(_project(experts, run_rows, name, expert, linear))
         start += count
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _project(
-    experts: nn.Module, rows: torch.Tensor, name: str, expert: int, packed: PackedExperts | None
+    experts: nn.Module,
+    rows: torch.Tensor,
+    name: str,
+    expert: int,
+    linear: Callable[[str, int, torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    if packed is not None:
-        out = packed.linear(name, expert, rows)
-    else:
-        weight = getattr(experts, name)[expert]
-        out = rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
-    return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
+    if linear is not None:
+        return linear(name, expert, rows)
+    weight = getattr(experts, name)[expert]
+    return rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
 
 
 def run_with_sentinels(
@@ -247,12 +285,12 @@ def run_experts(
     weights: torch.Tensor,
     skip: torch.Tensor,
     eager_accepts_sentinel: bool = True,
-    packed: PackedExperts | None = None,
+    cpu_path: CpuPath | None = None,
 ) -> torch.Tensor:
     """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots,
-    on the packed weights ``packed`` whatever the module's implementation, when they still fit."""
-    if packed is not None and packed.usable_for(experts, hidden):
-        return run_compacted(experts, hidden, index, weights, skip, packed)
+    by ``cpu_path`` whatever the module's implementation, when it still holds."""
+    if cpu_path is not None and cpu_path.usable_for(experts, hidden):
+        return run_compacted(experts, hidden, index, weights, skip, cpu_path)
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager")
     if implementation in (None, "eager"):
         runner = run_with_sentinels if eager_accepts_sentinel else run_masked

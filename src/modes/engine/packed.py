@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modes.engine.execute import is_experts_module
+from modes.engine.execute import is_experts_module, project_each_expert
 
 __all__ = ["PackedExperts", "pack_weight", "packed_linear"]
 
@@ -42,6 +42,16 @@ class PackedExperts:
         unchanged = all(getattr(experts, name)._version == version for name, version in self.versions.items())
         on_cpu = hidden.device.type == "cpu" and torch.backends.mkldnn.enabled
         return unchanged and on_cpu and hidden.dtype == self.dtype
+
+    def runs_loop(self, kept: int, num_experts: int) -> bool:
+        """Always: with weights packed, the expert loop beats the module's kernel at any skip."""
+        return True
+
+    def project_runs(
+        self, experts: nn.Module, rows: torch.Tensor, name: str, runs: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """``rows`` [N, in] grouped in ``runs`` of (expert, count), each run on its packed weight."""
+        return project_each_expert(experts, rows, name, runs, self.linear)
 
     def linear(self, name: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` [n, in] times expert ``expert``'s packed ``name`` weight -> [n, out], no bias."""

@@ -133,6 +133,7 @@ def apply(
     *,
     rule_factory: RuleFactory | None = None,
     pack_weights: bool = False,
+    cpu_kernel: bool = False,
 ) -> nn.Module:
     """Patch ``model`` in place so that the slots ``plan`` skips are never computed.
 
@@ -140,17 +141,20 @@ def apply(
     media start/end ids always count as special. ``rule_factory(layer)`` replaces the MoDES rule
     (used by baselines); a plan is then optional. ``pack_weights`` (CPU, bf16 or fp32) keeps a
     oneDNN-packed copy of every routed expert's weights, so calls that skip something run
-    faster at the cost of that much memory (`PackedExperts`). Applying again replaces the
-    previous patch.
+    faster at the cost of that much memory (`PackedExperts`); ``cpu_kernel`` (CPU with AVX-512,
+    bf16 or fp32, weights stored [out, in]) runs them on modes' compiled kernel instead, on the
+    module's own weights (`CompiledExperts`; compiled at first use). Applying again replaces
+    the previous patch.
     """
     if plan is None and rule_factory is None:
         raise ValueError("modes.apply needs a SkipPlan (or a rule_factory)")
     spec = spec_for(model.config.model_type)
-    if pack_weights and spec.dense_router:
-        raise ValueError(
-            f"pack_weights does not apply to {model.config.model_type}: its experts compute every "
-            "expert (skipping there saves no compute); apply without pack_weights=True"
-        )
+    for option, asked in (("pack_weights", pack_weights), ("cpu_kernel", cpu_kernel)):
+        if asked and spec.dense_router:
+            raise ValueError(
+                f"{option} does not apply to {model.config.model_type}: its experts compute every "
+                f"expert (skipping there saves no compute); apply without {option}=True"
+            )
     if is_patched(model):
         remove(model)
     sites = find_moe_sites(model, spec)
@@ -177,6 +181,7 @@ def apply(
                 site.module,
                 eager_accepts_sentinel=spec.eager_accepts_sentinel,
                 pack_weights=pack_weights,
+                cpu_kernel=cpu_kernel,
                 **common,
             )
         wrappers.append(wrapper)

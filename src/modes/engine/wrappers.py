@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modes.engine.execute import run_experts
+from modes.engine.compiled import CompiledExperts
+from modes.engine.execute import CpuPath, run_experts
 from modes.engine.packed import PackedExperts
 from modes.engine.rule import Routing, SkipRule
 from modes.engine.tokens import NUM_CODES, CallTokens, TokenContext
@@ -87,10 +88,17 @@ class _Skipping(nn.Module):
 class SkippingExperts(_Skipping):
     """Wraps an experts module called as ``experts(hidden [T, H], index [T, k], weights [T, k])``."""
 
-    def __init__(self, *args, eager_accepts_sentinel: bool = True, pack_weights: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        eager_accepts_sentinel: bool = True,
+        pack_weights: bool = False,
+        cpu_kernel: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.eager_accepts_sentinel = eager_accepts_sentinel
-        self.packed = PackedExperts(self.base_layer) if pack_weights else None
+        self.cpu_path = _cpu_path(self.base_layer, pack_weights, cpu_kernel)
 
     def forward(
         self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
@@ -98,8 +106,17 @@ class SkippingExperts(_Skipping):
         index, weights = _routing_arguments(routing, named)
         skip, weights = self.decide(hidden_states, index, weights)
         return run_experts(
-            self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel, self.packed
+            self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel, self.cpu_path
         )
+
+
+def _cpu_path(experts: nn.Module, pack_weights: bool, cpu_kernel: bool) -> CpuPath | None:
+    """The faster CPU execution asked for: oneDNN-packed weight copies, or modes' compiled kernel."""
+    if pack_weights and cpu_kernel:
+        raise ValueError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
+    if pack_weights:
+        return PackedExperts(experts)
+    return CompiledExperts(experts) if cpu_kernel else None
 
 
 class SkippingDenseRouter(_Skipping):

@@ -130,9 +130,10 @@ def bench(
     warmup: int = 1,
     special_token_ids: list[int] | None = None,
     pack_weights: bool = False,
+    cpu_kernel: bool = False,
 ) -> dict[str, Any]:
     """Prefill seconds and cached decode tokens/s for ``input_ids`` [B, L], without and with
-    ``plan`` (applied with ``pack_weights``, see `modes.apply`)."""
+    ``plan`` (applied with ``pack_weights`` or ``cpu_kernel``, see `modes.apply`)."""
     batch = input_ids.shape[0]
 
     def prefill() -> Any:
@@ -143,7 +144,7 @@ def bench(
     @contextlib.contextmanager
     def applied() -> Iterator[None]:
         """The plan in place for the block, and removed after it even if a call fails."""
-        engine.apply(model, plan, special_token_ids, pack_weights=pack_weights)
+        engine.apply(model, plan, special_token_ids, pack_weights=pack_weights, cpu_kernel=cpu_kernel)
         try:
             yield
         finally:
@@ -205,4 +206,5 @@ def bench(
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": new_tokens,
         "pack_weights": pack_weights,
+        "cpu_kernel": cpu_kernel,
     }

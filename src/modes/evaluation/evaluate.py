@@ -73,11 +73,12 @@ def evaluate(
     special_token_ids: Sequence[int] | None = None,
     progress: bool = True,
     pack_weights: bool = False,
+    cpu_kernel: bool = False,
 ) -> dict[str, Any]:
     """Accuracy overall and per skill; with a plan (or an already patched model), the skip ratios.
 
-    A ``plan`` is applied for the evaluation only (with ``pack_weights``, see `modes.apply`) and
-    removed afterwards.
+    A ``plan`` is applied for the evaluation only (with ``pack_weights`` or ``cpu_kernel``, see
+    `modes.apply`) and removed afterwards.
     """
     samples = list(samples if samples is not None else load_samples(split="test"))[:limit]
     if not samples:
@@ -85,7 +86,8 @@ def evaluate(
     applied_here = plan is not None
     if applied_here:
         tokenizer = getattr(processor, "tokenizer", processor)
-        engine.apply(model, plan, special_token_ids or tokenizer.all_special_ids, pack_weights=pack_weights)
+        special = special_token_ids or tokenizer.all_special_ids
+        engine.apply(model, plan, special, pack_weights=pack_weights, cpu_kernel=cpu_kernel)
     try:
         if engine.is_patched(model):
             engine.reset_stats(model)

@@ -24,14 +24,16 @@ def fidelity(
     batch_size: int = 32,
     special_token_ids: Sequence[int] | None = None,
     pack_weights: bool = False,
+    cpu_kernel: bool = False,
 ) -> dict[str, float]:
     """Mean KL(p_orig || p_skip) and top-1 agreement over the answer tokens of ``samples``, the
-    plan applied with ``pack_weights`` (see `modes.apply`)."""
+    plan applied with ``pack_weights`` or ``cpu_kernel`` (see `modes.apply`)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     device = next(model.parameters()).device
     batches = prepare_batches(processor, samples, batch_size, device)
     references = [answer_logprobs(model, batch) for batch in batches]
-    engine.apply(model, plan, special_token_ids or tokenizer.all_special_ids, pack_weights=pack_weights)
+    special = special_token_ids or tokenizer.all_special_ids
+    engine.apply(model, plan, special, pack_weights=pack_weights, cpu_kernel=cpu_kernel)
     try:
         kl_sum, agree, tokens = 0.0, 0, 0
         for batch, reference in zip(batches, references, strict=True):

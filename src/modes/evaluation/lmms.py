@@ -7,7 +7,8 @@
 lmms-eval finds the name through the ``lmms_eval.models`` entry point in pyproject.toml.
 ``model_args``: ``pretrained`` (default: the bundled model), ``plan`` (a SkipPlan JSON; none:
 the unskipped model), ``device``, ``dtype`` (float32, bfloat16, float16), ``max_new_tokens``,
-``pack_weights`` (true: CPU, oneDNN-packed expert weights, see `modes.apply`).
+``pack_weights`` (true: CPU, oneDNN-packed expert weights) or ``cpu_kernel`` (true: CPU, modes'
+compiled kernel; see `modes.apply`).
 Generation tasks only (``generate_until``), which covers the MoDES paper's benchmarks. The
 realised skip ratios of the whole run are in `skip_stats`.
 """
@@ -50,24 +51,28 @@ class ModesLMM(lmms):
         batch_size: int | str = 8,
         max_new_tokens: int | str = 16,
         pack_weights: bool | str = False,
+        cpu_kernel: bool | str = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise TypeError(
                 f"modes: unknown model_args {sorted(unknown)}; accepted: pretrained, plan, device, "
-                "dtype, batch_size, max_new_tokens, pack_weights"
+                "dtype, batch_size, max_new_tokens, pack_weights, cpu_kernel"
             )
         if dtype not in _DTYPES:
             raise ValueError(f"modes: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        pack = _flag("pack_weights", pack_weights)
+        cpu_paths = {
+            "pack_weights": _flag("pack_weights", pack_weights),
+            "cpu_kernel": _flag("cpu_kernel", cpu_kernel),
+        }
         self.model, self.processor = load_model(pretrained, dtype=_DTYPES[dtype])
         if device:
             self.model.to(device)
         self.plan = SkipPlan.load(plan) if plan else None
         if self.plan is not None:
             special_ids = self.processor.tokenizer.all_special_ids
-            engine.apply(self.model, self.plan, special_ids, pack_weights=pack)
+            engine.apply(self.model, self.plan, special_ids, **cpu_paths)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 

@@ -1,6 +1,6 @@
 """Render a block benchmark's JSON (`benchmarks/results/moe_block*.json`) as the Markdown
-tables in BENCHMARKS.md: speedups, then the decode loop's and the packed path's kernel gains,
-and the prefill target against the memory bound.
+tables in BENCHMARKS.md: speedups, then the decode loop's and each CPU path's (packed weights,
+compiled kernel) kernel gains, and the prefill target against the memory bound.
 
 python benchmarks/table.py [benchmarks/results/moe_block.json]
 """
@@ -48,27 +48,37 @@ def loop_table(results: list[dict], ratio: float = 0.88) -> None:
               f"| {over_loop:.2f}x ({over_loop / row['ideal']:.0%}) |")  # fmt: skip
 
 
-def packed_cell(row: dict) -> str:
-    over_loop = row["packed_speedup_over_packed_loop"]
+PATH_TITLES = {
+    "packed": "With oneDNN-packed expert weights (`pack_weights=True`)",
+    "compiled": "On modes' compiled kernel (`cpu_kernel=True`)",
+}
+
+
+def path_cell(row: dict, path: str) -> str:
+    over_loop = row[f"{path}_speedup_over_{path}_loop"]
     text = (
-        f"{row['packed_speedup']:.2f}x ({row['packed_fraction_of_ideal']:.0%}); "
-        f"{over_loop:.2f}x ({row['packed_fraction_of_ideal_over_packed_loop']:.0%})"
+        f"{row[f'{path}_speedup']:.2f}x ({row[f'{path}_fraction_of_ideal']:.0%}); "
+        f"{over_loop:.2f}x ({row[f'{path}_fraction_of_ideal_over_{path}_loop']:.0%})"
     )
-    return text + bound(row, "packed_")
+    return text + bound(row, f"{path}_")
 
 
-def packed_table(results: list[dict]) -> None:
-    """With oneDNN-packed expert weights: speedup over the default at each ratio (fraction of
-    ideal), and the packed loop's own gain with nothing skipped, so skipping's share stands apart."""
+def path_table(results: list[dict], path: str) -> None:
+    """A CPU path (``packed`` or ``compiled``): speedup over the default at each ratio (fraction
+    of ideal), and the path's loop's own gain with nothing skipped, so skipping's share stands apart."""
     columns = [c for c in COLUMNS if c > 0]
-    print("| shape | dtype | tokens | packed loop, every slot kept: gain | "
-          + " | ".join(f"r = {c}: vs default; vs packed loop" for c in columns) + " |")  # fmt: skip
+    print(f"{PATH_TITLES[path]}:")
+    print()
+    print(f"| shape | dtype | tokens | {path} loop, every slot kept: gain | "
+          + " | ".join(f"r = {c}: vs default; vs {path} loop" for c in columns) + " |")  # fmt: skip
     print("|---|---|---|---|" + "---|" * len(columns))
     for result in results:
+        if path not in result.get("cpu_paths", ()):
+            continue
         rows = {row["target_ratio"]: row for row in result["rows"]}
-        cells = " | ".join(packed_cell(rows[c]) for c in columns)
+        cells = " | ".join(path_cell(rows[c], path) for c in columns)
         print(f"| {result['shape']} | {result['dtype']} | {result['tokens']} "
-              f"| {result['packed_loop_gain']:.2f}x | {cells} |")  # fmt: skip
+              f"| {result[f'{path}_loop_gain']:.2f}x | {cells} |")  # fmt: skip
 
 
 def memory_table(results: list[dict], ratio: float = 0.88, target: float = 0.9) -> None:
@@ -76,16 +86,21 @@ def memory_table(results: list[dict], ratio: float = 0.88, target: float = 0.9) 
     memory bound (default / the time to read every expert weight once), which no execution of
     the kept rows can beat while every expert keeps some, and the best speedup measured."""
     print(f"| shape | dtype | tokens | ideal at r = {ratio} | target ({target:.0%}) | memory bound "
-          "| measured: default path | measured: packed | target within the memory bound |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| measured: default path | packed | compiled | target within the memory bound |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         if not result.get("memory_bound"):
             continue
         row = next(row for row in result["rows"] if row["target_ratio"] == ratio)
         goal, bound_ = target * row["ideal"], result["memory_bound"]
         print(f"| {result['shape']} | {result['dtype']} | {result['tokens']} | {row['ideal']:.1f}x "
-              f"| {goal:.1f}x | {bound_:.1f}x | {row['speedup']:.2f}x | {row['packed_speedup']:.2f}x "
+              f"| {goal:.1f}x | {bound_:.1f}x | {row['speedup']:.2f}x | {_speedup(row, 'packed')} "
+              f"| {_speedup(row, 'compiled')} "
               f"| {'yes' if goal <= bound_ else 'no'} |")  # fmt: skip
+
+
+def _speedup(row: dict, path: str) -> str:
+    return f"{row[f'{path}_speedup']:.2f}x" if f"{path}_speedup" in row else "-"
 
 
 def main() -> None:
@@ -101,9 +116,10 @@ def main() -> None:
     if any(result.get("loop_every_slot_ms") for result in data["results"]):
         print()
         loop_table(data["results"])
-    if any(result.get("packed_loop_ms") for result in data["results"]):
-        print()
-        packed_table(data["results"])
+    for path in PATH_TITLES:
+        if any(path in result.get("cpu_paths", ()) for result in data["results"]):
+            print()
+            path_table(data["results"], path)
     if any(result.get("memory_bound") for result in data["results"]):
         print()
         memory_table(data["results"])

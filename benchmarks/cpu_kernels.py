@@ -6,12 +6,13 @@ All 128 experts of a Qwen3-VL-30B-A3B layer, stored as transformers stores them 
 gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in bf16), are
 streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
-picks by default) and disabled (ATen's own kernels), and by oneDNN on weights packed once
-(``modes.apply(..., pack_weights=True)``). The passes are interleaved round by round; medians
-after one warm-up round; the process keeps the memory it frees (`choose_allocator`). This
-explains the block benchmark: the bf16 GEMV choice of modes' expert loop, and why prefill with
-a few kept rows per expert cannot reach the ideal speedup here (the kernel, not the memory,
-bounds it).
+picks by default) and disabled (ATen's own kernels), by oneDNN on weights packed once
+(``modes.apply(..., pack_weights=True)``), and by modes' compiled kernel in one call over all
+experts (``cpu_kernel=True``, where it builds). The passes are interleaved round by round;
+medians after one warm-up round; the process keeps the memory it frees (`choose_allocator`).
+This explains the block benchmark: the bf16 GEMV choice of modes' expert loop, why prefill with
+a few kept rows per expert falls short of the ideal speedup on oneDNN (its kernels, not the
+memory, bound it), and what the compiled kernel changes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from modes.engine.kernels import KernelUnavailableError, grouped_rows_linear, kernel_dtypes
 from modes.engine.packed import pack_weight, packed_linear
 from modes.evaluation.allocator import choose_allocator
 
@@ -57,12 +59,29 @@ def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
 
         return run
 
+    def compiled(rows: int) -> Callable[[], object]:
+        grouped = inputs[rows].repeat(EXPERTS, 1)  # [E * M, IN], grouped by expert
+        starts, experts = torch.arange(0, EXPERTS * rows + 1, rows), torch.arange(EXPERTS)
+        return lambda: grouped_rows_linear(grouped, weights, starts, experts)  # one call, all experts
+
+    has_kernel = _kernel_runs(weights.dtype)
     passes: dict[str, Callable[[], object]] = {"sum": weights.sum}
     for rows in ROWS:
         passes[f"M={rows} oneDNN"] = linear(rows, onednn=True)
         passes[f"M={rows} ATen"] = linear(rows, onednn=False)
         passes[f"M={rows} packed"] = packed(rows)
+        if has_kernel:
+            passes[f"M={rows} compiled"] = compiled(rows)
     return passes
+
+
+def _kernel_runs(dtype: torch.dtype) -> bool:
+    """Whether modes' compiled kernel builds here and runs ``dtype`` (else its passes are left out)."""
+    try:
+        return dtype in kernel_dtypes()
+    except KernelUnavailableError as reason:
+        print(f"  (no compiled passes: {reason})")
+        return False
 
 
 def measure(dtype: torch.dtype, rounds: int) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modes.engine.kernels import cpu_supports
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
@@ -49,6 +51,10 @@ def test_block_benchmark_case_reports_consistent_fields(moe_block, tokens):
     assert (result["memory_bound"] is not None) == prefill
     assert (result["loop_every_slot_ms"] is None) == prefill
     assert set(result["minor_faults_per_call"]) >= {"default", "packed_loop", *map(str, moe_block.RATIOS)}
+    paths = ["packed", "compiled"] if cpu_supports(torch.float32) else ["packed"]  # compiled: AVX-512
+    assert result["cpu_paths"] == paths
+    for path in paths:
+        assert all(f"{path}_speedup" in row for row in rows[1:]) and f"{path}_speedup" not in rows[0]
 
 
 def test_experts_hit_counts_each_expert_once_per_draw(moe_block):

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import modes
 from modes.cli.main import main
+from modes.engine.kernels import cpu_supports
 from modes.evaluation import allocator
+
+NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="modes' CPU kernel needs AVX-512")
+CPU_PATH_FLAGS = [("--pack-weights", "pack_weights")] + (
+    [("--cpu-kernel", "cpu_kernel")] if cpu_supports(torch.float32) else []  # AVX-512
+)
 
 
 def test_calibrate_search_eval_pipeline(tmp_path, capsys):
@@ -28,7 +35,7 @@ def test_calibrate_search_eval_pipeline(tmp_path, capsys):
         assert key in data
     assert 0 < data["skip_ratio"] < 1
     assert "skip ratio" in capsys.readouterr().out
-    for flag, field in (("--pack-weights", "pack_weights"), ("--cpu-kernel", "cpu_kernel")):
+    for flag, field in CPU_PATH_FLAGS:
         faster = tmp_path / f"eval_{field}.json"
         assert main(["eval", "--samples", "24", "--plan", str(plan), flag, "--out", str(faster)]) == 0
         faster_data = json.loads(faster.read_text())
@@ -74,7 +81,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [[], ["--pack-weights", "--system-malloc"], ["--cpu-kernel"]],
+    [[], ["--pack-weights", "--system-malloc"], pytest.param(["--cpu-kernel"], marks=NEEDS_KERNEL)],
     ids=["plain", "packed", "compiled"],
 )
 def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeypatch):

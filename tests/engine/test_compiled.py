@@ -10,9 +10,18 @@ from experts_layouts import LAYOUTS, build_experts, routing
 from modes.engine import compiled, kernels
 from modes.engine.compiled import CompiledExperts
 from modes.engine.execute import run_experts
+from modes.engine.kernels import cpu_supports
 
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+pytestmark = pytest.mark.skipif(not cpu_supports(torch.float32), reason="modes' CPU kernel needs AVX-512")
+DTYPES = [
+    torch.float32,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not cpu_supports(torch.bfloat16), reason="needs AVX-512 BF16"),
+    ),
+]
 OUT_IN_LAYOUTS = [(m, c) for m, c in LAYOUTS if m not in ("gpt_oss", "aria_text")]  # [E, out, in]
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
@@ -22,9 +31,9 @@ def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
     return skip
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # each tile height, and several tiles
-@pytest.mark.parametrize(("inner", "outer"), [(64, 32), (37, 6), (16, 1)])  # K tails, O tails
+@pytest.mark.parametrize(("inner", "outer"), [(64, 32), (37, 6), (16, 1), (33, 129)])  # K and O tails
 def test_kernel_equals_each_runs_linear(dtype, rows, inner, outer):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(5, outer, inner, generator=generator).to(dtype)  # [E, O, K]
@@ -40,7 +49,7 @@ def test_kernel_equals_each_runs_linear(dtype, rows, inner, outer):
     torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [3, 40])  # fewer kept rows than experts (decode), and more
 @pytest.mark.parametrize(("model_type", "class_name"), OUT_IN_LAYOUTS, ids=[m for m, _ in OUT_IN_LAYOUTS])
 def test_compiled_path_gives_the_grouped_kernels_result(model_type, class_name, tokens, dtype):
@@ -118,12 +127,8 @@ def test_a_cast_module_falls_back_to_its_own_kernel(monkeypatch):
 @pytest.mark.parametrize(
     ("layout", "dtype", "message"),
     [
-        (LAYOUTS[0], torch.float16, r"runs float32 and bfloat16 on this CPU, not torch\.float16"),
-        (
-            LAYOUTS[1],
-            torch.float32,
-            r"stores them \[in, out\]: use pack_weights=True, or apply without cpu_kernel",
-        ),
+        (LAYOUTS[0], torch.float16, r"runs float32.* on this CPU, not torch\.float16: apply without"),
+        (LAYOUTS[1], torch.float32, r"stores them \[in, out\]: use pack_weights=True, or apply without"),
     ],
     ids=["fp16", "transposed"],
 )
@@ -131,6 +136,24 @@ def test_what_the_kernel_cannot_run_is_refused_with_the_fix(layout, dtype, messa
     experts = build_experts(*layout, "grouped_mm").to(dtype)
     with pytest.raises(ValueError, match=message):
         CompiledExperts(experts)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(experts=torch.tensor([0, 5, 1])), "expert out of range"),
+        (dict(starts=torch.tensor([0, 2, 1, 4])), "run starts must not decrease"),
+        (dict(starts=torch.tensor([0, 1, 2, 3])), "runs must cover the rows"),
+    ],
+    ids=["expert", "order", "cover"],
+)
+def test_malformed_runs_are_refused_before_any_read(change, message):
+    """A bad expert id or run boundary would read out of bounds: the kernel checks them first."""
+    call = dict(rows=torch.randn(4, 8), weight=torch.randn(5, 4, 8), starts=torch.tensor([0, 1, 2, 4]))
+    call.update(experts=torch.tensor([0, 1, 2]))
+    call.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        kernels.grouped_rows_linear(call["rows"], call["weight"], call["starts"], call["experts"])
 
 
 def test_an_unbuildable_kernel_is_refused_with_its_reason(monkeypatch):

@@ -12,9 +12,11 @@ from torch.overrides import TorchFunctionMode
 
 import modes
 from modes.adapters import spec_for
+from modes.engine.kernels import cpu_supports
 from tiny_models import END_ID, START_ID, TINY_MODELS, TinyModel, build, prompts
 
 FAMILIES = [pytest.param(tiny, id=tiny.model_type) for tiny in TINY_MODELS]
+NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="modes' CPU kernel needs AVX-512")
 
 
 def modalities(tiny: TinyModel) -> list[str]:
@@ -344,7 +346,7 @@ def cpu_path_refusal(model, option: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("option", ["pack_weights", "cpu_kernel"])
+@pytest.mark.parametrize("option", ["pack_weights", pytest.param("cpu_kernel", marks=NEEDS_KERNEL)])
 @pytest.mark.parametrize("tiny", FAMILIES)
 def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny, option):
     model = build(tiny)

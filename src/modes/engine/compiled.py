@@ -59,7 +59,7 @@ def _check_compilable(experts: nn.Module) -> None:
             f"cpu_kernel needs experts described by transformers' use_experts_implementation; "
             f"{type(experts).__name__} is not: {fix}"
         )
-    if experts.is_transposed:
+    if experts.is_transposed:  # a broadcast-FMA variant for [in, out] measured slower than packed
         raise ValueError(
             f"cpu_kernel needs expert weights stored [out, in]; {type(experts).__name__} stores them "
             f"[in, out]: use pack_weights=True, or {fix}"

@@ -141,12 +141,12 @@ def run_expert_loop(
 
 
 class _ExpertGroups(NamedTuple):
-    """Kept slots ordered by expert: ``slots``, their ``tokens`` and ``experts`` [N], ``runs``
+    """Kept slots ordered by expert: ``slots``, their ``tokens`` and ``row_experts`` [N], ``runs``
     of (expert, rows), and ``token_ids`` on the host when they were grouped there (few rows)."""
 
     slots: torch.Tensor
     tokens: torch.Tensor
-    experts: torch.Tensor
+    row_experts: torch.Tensor
     runs: list[tuple[int, int]]
     token_ids: list[int] | None
 
@@ -182,10 +182,10 @@ def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
     expert_ids = [expert_of_slot[i] for i in order]
     token_ids = [slot // top_k for slot in slot_ids]
     runs = [(expert, len(list(run))) for expert, run in itertools.groupby(expert_ids)]
-    slots, tokens, experts = torch.tensor(
+    slots, tokens, row_experts = torch.tensor(
         [slot_ids, token_ids, expert_ids], dtype=torch.long, device=kept.device
-    )
-    return _ExpertGroups(slots, tokens, experts, runs, token_ids)
+    )  # [N] each
+    return _ExpertGroups(slots, tokens, row_experts, runs, token_ids)
 
 
 def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype) -> bool:
@@ -225,7 +225,7 @@ def _project_runs(
         out = cpu_path.project_runs(experts, rows, name, groups.runs)
     else:
         out = project_each_expert(experts, rows, name, groups.runs)
-    return out + getattr(experts, f"{name}_bias")[groups.experts] if experts.has_bias else out
+    return out + getattr(experts, f"{name}_bias")[groups.row_experts] if experts.has_bias else out
 
 
 def project_each_expert(

@@ -3,10 +3,11 @@
 At high skip ratios each expert keeps a few rows, and oneDNN streams an expert's weight for a
 few rows at a fraction of what the memory delivers (BENCHMARKS.md). ``grouped_rows.cpp`` reads
 each weight row once per register tile of up to four rows (AVX-512, with AVX-512 BF16 for
-bf16), on the module's own weights: no packed copy. It is compiled for the CPU at hand
-(``-march=native``) the first time it is asked for, by `torch.utils.cpp_extension` (a C++
-compiler and ninja are needed; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), and `load_kernel` says why when it cannot be.
+bf16), on the module's own weights as most families store them ([out, in]): no packed copy.
+It is compiled for the CPU at hand (``-march=native``) the first time it is asked for, by
+`torch.utils.cpp_extension` (a C++ compiler and ninja are needed; the build is cached in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), and `load_kernel` says
+why when it cannot be.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KernelUnavailableError", "grouped_rows_linear", "kernel_dtypes", "load_kernel"]
+__all__ = ["KernelUnavailableError", "cpu_supports", "grouped_rows_linear", "kernel_dtypes", "load_kernel"]
 
 SOURCE = Path(__file__).with_name("grouped_rows.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for, as torch itself is built
@@ -68,6 +69,16 @@ def _cpu_tag() -> str:
     text = cpuinfo.read_text() if cpuinfo.exists() else platform.processor()
     lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
     return hashlib.sha256("\n".join(lines or [platform.machine()]).encode()).hexdigest()[:12]
+
+
+def cpu_supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU has the instructions the kernel needs for ``dtype`` (AVX-512, and AVX-512
+    BF16 for bf16), read from the CPU's flags without building anything."""
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere the kernel is not offered
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
+    needed = {torch.float32: {"avx512f"}, torch.bfloat16: {"avx512f", "avx512_bf16"}}.get(dtype)
+    return needed is not None and needed <= flags
 
 
 def kernel_dtypes() -> tuple[torch.dtype, ...]:

@@ -158,24 +158,33 @@ torch::Tensor grouped_rows_linear(const torch::Tensor& rows, const torch::Tensor
   TORCH_CHECK(rows.dim() == 2 && weight.dim() == 3 && rows.size(1) == weight.size(2),
               "grouped_rows_linear: rows [N, K] and weight [E, O, K] expected");
   TORCH_CHECK(rows.scalar_type() == weight.scalar_type(), "grouped_rows_linear: rows and weight dtypes differ");
+  TORCH_CHECK(rows.device().is_cpu() && weight.device().is_cpu() && starts.device().is_cpu() &&
+                  experts.device().is_cpu(),
+              "grouped_rows_linear: CPU tensors expected");
   TORCH_CHECK(rows.is_contiguous() && weight.is_contiguous(), "grouped_rows_linear: contiguous tensors expected");
   TORCH_CHECK(starts.scalar_type() == torch::kLong && experts.scalar_type() == torch::kLong &&
                   starts.numel() == experts.numel() + 1,
               "grouped_rows_linear: int64 starts [R + 1] and experts [R] expected");
   const int64_t K = rows.size(1), O = weight.size(1);
+  TORCH_CHECK(starts.is_contiguous() && experts.is_contiguous(), "grouped_rows_linear: contiguous runs expected");
+  const int64_t* first = starts.data_ptr<int64_t>();
+  const int64_t* expert_ids = experts.data_ptr<int64_t>();
+  TORCH_CHECK(first[0] == 0 && first[experts.numel()] == rows.size(0), "grouped_rows_linear: runs must cover the rows");
+  for (int64_t run = 0; run < experts.numel(); ++run) {  // a bad index would read out of bounds
+    TORCH_CHECK(first[run] <= first[run + 1], "grouped_rows_linear: run starts must not decrease");
+    TORCH_CHECK(0 <= expert_ids[run] && expert_ids[run] < weight.size(0), "grouped_rows_linear: expert out of range");
+  }
   auto out = torch::empty({rows.size(0), O}, rows.options());
 #if defined(__AVX512F__)
-  const auto* st = starts.data_ptr<int64_t>();
-  const auto* ex = experts.data_ptr<int64_t>();
   if (rows.scalar_type() == torch::kFloat) {
-    grouped_rows(rows.data_ptr<float>(), weight.data_ptr<float>(), st, ex, experts.numel(), K, O,
+    grouped_rows(rows.data_ptr<float>(), weight.data_ptr<float>(), first, expert_ids, experts.numel(), K, O,
                  out.data_ptr<float>());
     return out;
   }
 #if defined(__AVX512BF16__)
   if (rows.scalar_type() == torch::kBFloat16) {
-    grouped_rows(rows.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), st, ex, experts.numel(), K, O,
-                 out.data_ptr<at::BFloat16>());
+    grouped_rows(rows.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), first, expert_ids,
+                 experts.numel(), K, O, out.data_ptr<at::BFloat16>());
     return out;
   }
 #endif

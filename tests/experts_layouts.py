@@ -11,7 +11,15 @@ from transformers import AutoConfig
 
 from modes.engine import execute
 
-__all__ = ["LAYOUTS", "SMALL", "build_experts", "record_projections", "routing"]
+__all__ = [
+    "LAYOUTS",
+    "SMALL",
+    "TOLERANCE",
+    "build_experts",
+    "keep_first_slot_of_most_tokens",
+    "record_projections",
+    "routing",
+]
 
 SMALL = dict(
     hidden_size=32,
@@ -26,6 +34,7 @@ SMALL = dict(
     num_key_value_heads=2,
     head_dim=8,
 )
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 # (model_type, experts class): one per layout flag combination found in transformers 5.x
 LAYOUTS = [
     ("qwen3_moe", "Qwen3MoeExperts"),  # concatenated gate_up, [E, out, in]
@@ -58,6 +67,13 @@ def routing(experts: torch.nn.Module, tokens: int = 5, top_k: int = 2):
     )
     weights = torch.rand(tokens, top_k, generator=generator)
     return hidden, index, weights
+
+
+def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
+    """Skip mask [T, k]: every slot but each token's first, and token 0 entirely."""
+    skip = torch.ones_like(index, dtype=torch.bool)
+    skip[1:, 0] = False
+    return skip
 
 
 def record_projections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:

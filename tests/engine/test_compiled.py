@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, build_experts, routing
+from experts_layouts import LAYOUTS, TOLERANCE, build_experts, keep_first_slot_of_most_tokens, routing
 from modes.engine import compiled, kernels
 from modes.engine.compiled import CompiledExperts
 from modes.engine.execute import run_experts
@@ -20,15 +20,6 @@ DTYPES = [
         marks=pytest.mark.skipif(not cpu_supports(torch.bfloat16), reason="needs AVX-512 BF16"),
     ),
 ]
-OUT_IN_LAYOUTS = [(m, c) for m, c in LAYOUTS if m not in ("gpt_oss", "aria_text")]  # [E, out, in]
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
-    """Skip mask [T, k]: every slot but each token's first, and token 0 entirely."""
-    skip = torch.ones_like(index, dtype=torch.bool)
-    skip[1:, 0] = False
-    return skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -47,21 +38,6 @@ def test_kernel_equals_each_runs_linear(dtype, rows, inner, outer):
     )
     assert got.dtype == dtype and got.shape == (sum(counts), outer)
     torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [3, 40])  # fewer kept rows than experts (decode), and more
-@pytest.mark.parametrize(("model_type", "class_name"), OUT_IN_LAYOUTS, ids=[m for m, _ in OUT_IN_LAYOUTS])
-def test_compiled_path_gives_the_grouped_kernels_result(model_type, class_name, tokens, dtype):
-    experts = build_experts(model_type, class_name, "grouped_mm").to(dtype)
-    hidden, index, weights = routing(experts, tokens=tokens)
-    hidden, weights = hidden.to(dtype), weights.to(dtype)
-    skip = keep_first_slot_of_most_tokens(index)
-    expected = experts(hidden, index, weights.masked_fill(skip, 0))
-    got = run_experts(experts, hidden, index, weights, skip, cpu_path=CompiledExperts(experts))
-    assert got.dtype == dtype
-    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
-    assert torch.equal(got[0], torch.zeros_like(got[0]))
 
 
 def count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:

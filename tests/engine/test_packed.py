@@ -6,33 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, SMALL, build_experts, record_projections, routing
+from experts_layouts import (
+    SMALL,
+    TOLERANCE,
+    build_experts,
+    keep_first_slot_of_most_tokens,
+    record_projections,
+    routing,
+)
 from modes.engine.execute import run_experts
 from modes.engine.packed import PackedExperts
-
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
-    """Skip mask [T, k]: every slot but each token's first, and token 0 entirely."""
-    skip = torch.ones_like(index, dtype=torch.bool)
-    skip[1:, 0] = False
-    return skip
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [3, 40])  # fewer kept rows than experts (decode), and more
-@pytest.mark.parametrize(("model_type", "class_name"), LAYOUTS, ids=[m for m, _ in LAYOUTS])
-def test_packed_weights_give_the_grouped_kernels_result(model_type, class_name, tokens, dtype):
-    experts = build_experts(model_type, class_name, "grouped_mm").to(dtype)
-    hidden, index, weights = routing(experts, tokens=tokens)
-    hidden, weights = hidden.to(dtype), weights.to(dtype)
-    skip = keep_first_slot_of_most_tokens(index)
-    expected = experts(hidden, index, weights.masked_fill(skip, 0))
-    got = run_experts(experts, hidden, index, weights, skip, cpu_path=PackedExperts(experts))
-    assert got.dtype == dtype
-    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
-    assert torch.equal(got[0], torch.zeros_like(got[0]))
 
 
 def test_a_call_that_skips_nothing_runs_the_module_itself():

@@ -14,7 +14,7 @@ import itertools
 import torch
 from torch import nn
 
-from modes.engine.execute import is_experts_module
+from modes.engine.execute import check_cpu_experts
 from modes.engine.kernels import KernelUnavailableError, grouped_rows_linear, kernel_dtypes
 
 __all__ = ["MAX_ROWS_PER_EXPERT", "CompiledExperts"]
@@ -54,19 +54,12 @@ class CompiledExperts:
 def _check_compilable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot run on the kernel, and what to do instead."""
     fix = "apply without cpu_kernel=True"
-    if not is_experts_module(experts):
-        raise ValueError(
-            f"cpu_kernel needs experts described by transformers' use_experts_implementation; "
-            f"{type(experts).__name__} is not: {fix}"
-        )
+    parameter = check_cpu_experts(experts, "cpu_kernel")
     if experts.is_transposed:  # a broadcast-FMA variant for [in, out] measured slower than packed
         raise ValueError(
             f"cpu_kernel needs expert weights stored [out, in]; {type(experts).__name__} stores them "
             f"[in, out]: use pack_weights=True, or {fix}"
         )
-    parameter = next(experts.parameters())
-    if parameter.device.type != "cpu":
-        raise ValueError(f"cpu_kernel is a CPU option and the experts are on {parameter.device}: {fix}")
     try:
         dtypes = kernel_dtypes()
     except KernelUnavailableError as error:

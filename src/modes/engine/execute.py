@@ -30,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "CpuPath",
+    "check_cpu_experts",
     "is_experts_module",
     "project_each_expert",
     "run_compacted",
@@ -67,6 +68,21 @@ class CpuPath(Protocol):
         """``rows`` [N, in] grouped in ``runs`` of (expert, count) through projection ``name``
         -> [N, out], no bias."""
         ...
+
+
+def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
+    """What both CPU paths need: raise a ValueError naming the fix unless ``experts`` is one of
+    transformers' experts modules (`is_experts_module`) on CPU; else its first parameter."""
+    fix = f"apply without {option}=True"
+    if not is_experts_module(experts):
+        raise ValueError(
+            f"{option} needs experts described by transformers' use_experts_implementation; "
+            f"{type(experts).__name__} is not: {fix}"
+        )
+    parameter = next(experts.parameters())
+    if parameter.device.type != "cpu":
+        raise ValueError(f"{option} is a CPU option and the experts are on {parameter.device}: {fix}")
+    return parameter
 
 
 def run_compacted(

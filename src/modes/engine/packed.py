@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modes.engine.execute import is_experts_module, project_each_expert
+from modes.engine.execute import check_cpu_experts, project_each_expert
 
 __all__ = ["PackedExperts", "pack_weight", "packed_linear"]
 
@@ -82,14 +82,7 @@ def _pack(experts: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def _check_packable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot be packed, and what to do instead."""
     fix = "apply without pack_weights=True"
-    if not is_experts_module(experts):
-        raise ValueError(
-            f"pack_weights needs experts described by transformers' use_experts_implementation; "
-            f"{type(experts).__name__} is not: {fix}"
-        )
-    parameter = next(experts.parameters())
-    if parameter.device.type != "cpu":
-        raise ValueError(f"pack_weights is a CPU option and the experts are on {parameter.device}: {fix}")
+    parameter = check_cpu_experts(experts, "pack_weights")
     if parameter.dtype not in PACKABLE_DTYPES:
         raise ValueError(f"pack_weights supports bfloat16 and float32 experts, not {parameter.dtype}: {fix}")
     if not torch.backends.mkldnn.is_available():

@@ -206,9 +206,9 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     }
     paths = _cpu_paths(experts)  # one of each, shared by every ratio's wrapper
     calls = {"default": experts, **wrappers}
-    for ratio, wrapper in wrappers.items():  # at ratio 0 the module itself runs, on any path
-        for path_name, path in paths.items():
-            if ratio > 0:
+    for ratio, wrapper in wrappers.items():
+        if ratio > 0:  # at ratio 0 the module itself runs, on any path
+            for path_name, path in paths.items():
                 calls[(path_name, ratio)] = _on_path(wrapper, path)
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
@@ -247,10 +247,9 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
             "fraction_of_attainable": round(speedup / attainable, 3),
             **({"speedup_over_loop": round(times.speedup(ratio, "loop"), 3)} if loop else {}),
         }
-        for path_name in paths:
-            if ratio > 0:
-                cap = times.speedup(f"{path_name}_floor") if floor else expert_reads
-                row.update(_path_fields(times, path_name, ratio, ideal, cap))
+        for path_name in paths if ratio > 0 else ():
+            cap = times.speedup(f"{path_name}_floor") if floor else expert_reads
+            row.update(_path_fields(times, path_name, ratio, ideal, cap))
         rows.append(row)
     path_fields = {}
     for path_name in paths:

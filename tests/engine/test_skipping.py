@@ -374,6 +374,14 @@ def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(ti
     assert torch.equal(faster_generation, plain_generation)
 
 
+def test_both_cpu_paths_at_once_are_refused_before_anything_is_patched():
+    tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
+    model = build(tiny)
+    with pytest.raises(ValueError, match=r"pack_weights and cpu_kernel .* choose one"):
+        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True, cpu_kernel=True)
+    assert not modes.engine.is_patched(model)
+
+
 def test_a_model_that_cannot_be_packed_is_left_untouched():
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny).half()

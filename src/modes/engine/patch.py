@@ -149,6 +149,8 @@ def apply(
     if plan is None and rule_factory is None:
         raise ValueError("modes.apply needs a SkipPlan (or a rule_factory)")
     spec = spec_for(model.config.model_type)
+    if pack_weights and cpu_kernel:
+        raise ValueError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
     for option, asked in (("pack_weights", pack_weights), ("cpu_kernel", cpu_kernel)):
         if asked and spec.dense_router:
             raise ValueError(

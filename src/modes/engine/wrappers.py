@@ -111,9 +111,8 @@ class SkippingExperts(_Skipping):
 
 
 def _cpu_path(experts: nn.Module, pack_weights: bool, cpu_kernel: bool) -> CpuPath | None:
-    """The faster CPU execution asked for: oneDNN-packed weight copies, or modes' compiled kernel."""
-    if pack_weights and cpu_kernel:
-        raise ValueError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
+    """The faster CPU execution asked for (one at most, `apply` checks): oneDNN-packed weight
+    copies, or modes' compiled kernel."""
     if pack_weights:
         return PackedExperts(experts)
     return CompiledExperts(experts) if cpu_kernel else None

@@ -65,20 +65,25 @@ def _cpu_tag() -> str:
     """A short tag of this CPU's model and instruction sets: torch's build cache knows sources and
     flags, not CPUs, so a ``-march=native`` build cached on a shared disk by another machine
     would be loaded here and could stop on an illegal instruction. The tag keeps them apart."""
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else platform.processor()
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
-    return hashlib.sha256("\n".join(lines or [platform.machine()]).encode()).hexdigest()[:12]
+    lines = [line for line in _cpuinfo_lines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256(
+        "\n".join(lines or [platform.processor(), platform.machine()]).encode()
+    ).hexdigest()[:12]
 
 
 def cpu_supports(dtype: torch.dtype) -> bool:
     """Whether this CPU has the instructions the kernel needs for ``dtype`` (AVX-512, and AVX-512
     BF16 for bf16), read from the CPU's flags without building anything."""
-    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere the kernel is not offered
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    flags = set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
+    flags_line = next((line for line in _cpuinfo_lines() if line.startswith("flags")), "")
+    flags = set(flags_line.partition(":")[2].split())
     needed = {torch.float32: {"avx512f"}, torch.bfloat16: {"avx512f", "avx512_bf16"}}.get(dtype)
     return needed is not None and needed <= flags
+
+
+def _cpuinfo_lines() -> list[str]:
+    """/proc/cpuinfo's lines (Linux; elsewhere none, and the kernel is not offered)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
 
 
 def kernel_dtypes() -> tuple[torch.dtype, ...]:

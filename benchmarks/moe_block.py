@@ -45,7 +45,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 from modes.engine.compiled import CompiledExperts
 from modes.engine.execute import CpuPath, run_expert_loop
 from modes.engine.packed import PackedExperts
-from modes.engine.rule import Routing
+from modes.engine.rules import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
 from modes.evaluation.allocator import choose_allocator, minor_page_faults

@@ -77,13 +77,21 @@ def keep_first_slot_of_most_tokens(index: torch.Tensor) -> torch.Tensor:
 
 
 def record_projections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
-    """Record, for each expert projection the CPU loop runs: (oneDNN enabled, packed weights)."""
+    """Record, for each expert projection the CPU loop runs: (through oneDNN's GEMM rather than
+    ATen's GEMV, on packed weights). The process-wide oneDNN switch must stay on throughout."""
     seen: list[tuple[bool, bool]] = []
-    project = execute._project
+    project, gemv = execute._project, execute._gemv
 
-    def recording(experts, rows, name, expert, linear):
-        seen.append((torch.backends.mkldnn.enabled, linear is not None))
+    def recording_project(experts, rows, name, expert, linear):
+        assert torch.backends.mkldnn.enabled
+        seen.append((True, linear is not None))
         return project(experts, rows, name, expert, linear)
 
-    monkeypatch.setattr(execute, "_project", recording)
+    def recording_gemv(experts, row, name, expert):
+        assert torch.backends.mkldnn.enabled
+        seen.append((False, False))
+        return gemv(experts, row, name, expert)
+
+    monkeypatch.setattr(execute, "_project", recording_project)
+    monkeypatch.setattr(execute, "_gemv", recording_gemv)
     return seen

@@ -33,7 +33,7 @@ def test_json_round_trip(tmp_path):
     path = plan.save(tmp_path / "plan.json")
     loaded = SkipPlan.load(path)
     assert loaded == plan
-    assert json.loads(path.read_text())["format_version"] == 1
+    assert json.loads(path.read_text())["format_version"] == 2
     assert not list(tmp_path.glob(".*tmp")), "atomic write leaves no temporary file"
 
 

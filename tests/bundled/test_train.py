@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import modes
-from modes.bundled.benchmark import SKILLS
 from modes.bundled.train import _training_batch, parse_skill_weights, train
+from modes.data.benchmark import SKILLS
 
 
 def test_a_few_training_steps_write_a_checkpoint_the_auto_classes_load(tmp_path):

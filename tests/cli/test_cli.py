@@ -13,8 +13,8 @@ from modes.engine.kernels import cpu_supports
 from modes.evaluation import allocator
 
 NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="modes' CPU kernel needs AVX-512")
-CPU_PATH_FLAGS = [("--pack-weights", "pack_weights")] + (
-    [("--cpu-kernel", "cpu_kernel")] if cpu_supports(torch.float32) else []  # AVX-512
+CPU_PATH_FLAGS = [("--pack-weights", "packed")] + (
+    [("--cpu-kernel", "compiled")] if cpu_supports(torch.float32) else []  # AVX-512
 )
 
 
@@ -39,7 +39,7 @@ def test_calibrate_search_eval_pipeline(tmp_path, capsys):
         faster = tmp_path / f"eval_{field}.json"
         assert main(["eval", "--samples", "24", "--plan", str(plan), flag, "--out", str(faster)]) == 0
         faster_data = json.loads(faster.read_text())
-        assert (data[field], faster_data[field]) == (False, True)
+        assert (data["execution"], faster_data["execution"]) == ("default", field)
         assert faster_data["skip_ratio"] == data["skip_ratio"]
         kl, faster_kl = data["fidelity"]["mean_kl"], faster_data["fidelity"]["mean_kl"]
         assert faster_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
@@ -66,7 +66,7 @@ def test_unreachable_target_is_reported(tmp_path, capsys):
          "--grid-size", "3", "--out", str(tmp_path / "plan.json")]
     )  # fmt: skip
     assert code == 2
-    assert "largest ratio this grid reaches" in capsys.readouterr().err
+    assert "is unreachable with this grid: its largest thresholds" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -92,8 +92,8 @@ def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeyp
     args += options
     assert main(args) == 0
     report = json.loads(out.read_text())
-    assert report["pack_weights"] == ("--pack-weights" in options)
-    assert report["cpu_kernel"] == ("--cpu-kernel" in options)
+    expected = {"--pack-weights": "packed", "--cpu-kernel": "compiled"}
+    assert report["execution"] == next((expected[o] for o in options if o in expected), "default")
     assert retained == ([] if "--system-malloc" in options else [True])
     assert report["allocator"] == ("system default" if retained == [] else "freed memory retained")
     assert report["unskipped"]["prefill_minor_page_faults"] >= 0
@@ -121,7 +121,7 @@ def test_compare_matches_ratios_and_writes_table_and_plot(tmp_path):
     for row in report["rows"][2:5]:  # scaled baselines: bisection reaches the calibration target
         plan = modes.SkipPlan.from_json(row["plan"])
         assert plan.method == row["method"]
-        assert plan.achieved_ratio == pytest.approx(row["calibration_target"], abs=0.02)
+        assert plan.achieved_ratio == pytest.approx(row["target"], abs=0.02)
     k_reduction = report["rows"][-1]
     assert k_reduction["per_modality"]["text"] == pytest.approx(0.5)  # keep 4 of 8, exactly
     assert out.with_suffix(".md").read_text().startswith("| method |")

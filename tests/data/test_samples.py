@@ -44,10 +44,14 @@ def test_malformed_rows_are_named(tmp_path):
     path.write_text(
         json.dumps({"question": "q ?", "answer": "a"}) + "\n" + json.dumps({"question": "q ?"}) + "\n"
     )
-    with pytest.raises(DataFileError, match="row 1: column 'answer' is missing"):
+    with pytest.raises(
+        DataFileError,
+        match="line 2: column 'answer' is missing or empty; if the answers are in another column, "
+        "name it with --answer-column",
+    ):
         load_samples(path)
     path.write_text(json.dumps({"question": "q ?", "answer": "a", "image": "nowhere.png"}) + "\n")
-    with pytest.raises(DataFileError, match=r"row 0: image file .*nowhere\.png not found"):
+    with pytest.raises(DataFileError, match=r"line 1: image file .*nowhere\.png not found"):
         load_samples(path)
     path.write_text("{oops\n")
     with pytest.raises(DataFileError, match="line 1: not valid JSON"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import modes
+from modes.policies import McMoeConfig
 from tiny_models import TINY_MODELS, build, prompts
 
 FAMILIES = [t for t in TINY_MODELS if t.model_type in ("qwen3_vl_moe", "qwen3_moe", "mixtral")]
@@ -14,7 +15,7 @@ FAMILIES = [t for t in TINY_MODELS if t.model_type in ("qwen3_vl_moe", "qwen3_mo
 def no_skip_mc_moe(model) -> modes.SkipPlan:
     info = modes.model_info(model)
     beta = {str(layer): 0.0 for layer in info.moe_layers}  # NAEE with beta 0 skips nothing
-    return modes.SkipPlan({}, {}, method="mc_moe", parameters={"beta": beta}, model=info)
+    return modes.SkipPlan(policy=McMoeConfig(beta=beta), model=info)
 
 
 def expected_received(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -71,7 +72,7 @@ def test_protection_happens_in_prefill_only_and_generate_still_works():
     model = build(tiny)
     info = modes.model_info(model)
     beta = {str(layer): 10.0 for layer in info.moe_layers}  # NAEE keeps only the top-1 expert
-    plan = modes.SkipPlan({}, {}, method="mc_moe", parameters={"beta": beta, "protect": 0.25}, model=info)
+    plan = modes.SkipPlan(policy=McMoeConfig(beta=beta, protect=0.25), model=info)
     ids = prompts(tiny, batch=1, length=12)
     modes.apply(model, plan)
     with torch.no_grad():

@@ -103,8 +103,16 @@ def test_a_cast_module_falls_back_to_its_own_kernel(monkeypatch):
 @pytest.mark.parametrize(
     ("layout", "dtype", "message"),
     [
-        (LAYOUTS[0], torch.float16, r"runs float32.* on this CPU, not torch\.float16: apply without"),
-        (LAYOUTS[1], torch.float32, r"stores them \[in, out\]: use pack_weights=True, or apply without"),
+        (
+            LAYOUTS[0],
+            torch.float16,
+            r"runs float32.* on this CPU, not torch\.float16: apply with execution='default'",
+        ),
+        (
+            LAYOUTS[1],
+            torch.float32,
+            r"stores them \[in, out\]: use execution='packed', or apply with execution='default'",
+        ),
     ],
     ids=["fp16", "transposed"],
 )
@@ -135,5 +143,5 @@ def test_malformed_runs_are_refused_before_any_read(change, message):
 def test_an_unbuildable_kernel_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setattr(kernels, "_built", {"error": RuntimeError("no C++ compiler")})
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
-    with pytest.raises(ValueError, match=r"unavailable: no C\+\+ compiler: apply without cpu_kernel=True"):
+    with pytest.raises(ValueError, match=r"unavailable: no C\+\+ compiler: apply with execution='default'"):
         CompiledExperts(experts)

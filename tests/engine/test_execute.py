@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from experts_layouts import LAYOUTS, SMALL, build_experts, record_projections, routing
-from modes.engine import execute
 from modes.engine.execute import run_compacted, run_expert_loop
 
 
@@ -65,19 +64,5 @@ def test_single_bf16_rows_leave_onednn_for_atens_gemv(
     seen = record_projections(monkeypatch)
     got = run_expert_loop(experts, hidden, index, weights, torch.arange(tokens))
     assert seen == [(onednn, False)] * 6  # 3 experts, 2 projections each
-    assert torch.backends.mkldnn.enabled  # restored
+    assert torch.backends.mkldnn.enabled  # never switched off (record_projections checks each call)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-
-
-def test_onednn_is_restored_when_an_expert_fails(monkeypatch):
-    experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
-    hidden, index, weights = routing(experts, tokens=1)
-
-    def failing(*args, **kwargs) -> torch.Tensor:
-        assert not torch.backends.mkldnn.enabled  # failing inside the window
-        raise RuntimeError("expert failed")
-
-    monkeypatch.setattr(execute, "_project", failing)
-    with pytest.raises(RuntimeError, match="expert failed"):
-        run_expert_loop(experts, hidden.bfloat16(), index, weights.bfloat16(), torch.tensor([0]))
-    assert torch.backends.mkldnn.enabled

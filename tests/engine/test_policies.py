@@ -6,10 +6,18 @@ import pytest
 import torch
 
 import modes
-from modes.engine.policies import DiepRule, KReduction, McMoeRule, NaeeRule, protected_tokens
-from modes.engine.rule import Routing, ThresholdRule
+from modes.engine.rules import (
+    DiepRule,
+    KReduction,
+    McMoeRule,
+    NaeeRule,
+    Routing,
+    ThresholdRule,
+    protected_tokens,
+)
 from modes.engine.tokens import PAD
-from modes.plan import PlanError
+from modes.errors import PlanError
+from modes.policies import DiepConfig, KReductionConfig, NaeeConfig
 from tiny_models import TINY_MODELS, build, prompts
 
 
@@ -47,19 +55,19 @@ def test_baseline_plans_round_trip_and_apply():
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_vl_moe")
     model = build(tiny)
     info = modes.model_info(model)
-    plan = modes.SkipPlan({}, {}, method="k_reduction", parameters={"keep": 1}, model=info)
+    plan = modes.SkipPlan(policy=KReductionConfig(keep=1), model=info)
     assert modes.SkipPlan.from_json(plan.to_json()) == plan
     modes.apply(model, plan)
     with torch.no_grad():
         model(input_ids=prompts(tiny))
     stats = modes.skip_stats(model)
     assert stats["per_modality"]["text"]["ratio"] == pytest.approx(1 - 1 / info.top_k)
-    naee = modes.SkipPlan({}, {}, method="naee", parameters={"beta": {"0": 0.3, "1": 0.3}}, model=info)
+    naee = modes.SkipPlan(policy=NaeeConfig(beta={0: 0.3, 1: 0.3}), model=info)
     modes.apply(model, naee)
     with pytest.raises(PlanError, match="missing \\[1\\]"):
-        modes.apply(model, modes.SkipPlan({}, {}, method="naee", parameters={"beta": {"0": 0.3}}, model=info))
+        modes.apply(model, modes.SkipPlan(policy=NaeeConfig(beta={0: 0.3}), model=info))
     with pytest.raises(PlanError, match="unknown method"):
-        modes.SkipPlan({}, {}, method="magic")
+        modes.SkipPlan.from_json({**plan.to_json(), "policy": {"name": "magic"}})
 
 
 def test_renormalize_rescales_kept_weights_to_the_original_sum():
@@ -130,9 +138,7 @@ def test_diep_plan_checks_its_table_against_the_model():
     info = modes.model_info(model)
     table = torch.ones(info.num_experts, info.num_experts).tolist()
     layers = {str(layer): 0.5 for layer in info.moe_layers}
-    plan = modes.SkipPlan(
-        {}, {}, method="diep", parameters={"gamma1": layers, "cka": dict.fromkeys(layers, table)}, model=info
-    )
+    plan = modes.SkipPlan(policy=DiepConfig(gamma1=layers, cka=dict.fromkeys(layers, table)), model=info)
     assert modes.SkipPlan.from_json(plan.to_json()) == plan
     modes.apply(model, plan)
     with torch.no_grad():
@@ -141,7 +147,7 @@ def test_diep_plan_checks_its_table_against_the_model():
     modes.remove(model)
     small = torch.ones(2, 2).tolist()
     with pytest.raises(PlanError, match=f"tables have \\[2\\] experts but the model has {info.num_experts}"):
-        wrong = {"gamma1": layers, "cka": dict.fromkeys(layers, small)}
-        modes.apply(model, modes.SkipPlan({}, {}, method="diep", parameters=wrong, model=info))
+        wrong = DiepConfig(gamma1=layers, cka=dict.fromkeys(layers, small))
+        modes.apply(model, modes.SkipPlan(policy=wrong, model=info))
     with pytest.raises(PlanError, match="one \\[E x E\\] table for each"):
-        modes.SkipPlan({}, {}, method="diep", parameters={"gamma1": layers, "cka": {}})
+        DiepConfig(gamma1=layers, cka={})

@@ -11,6 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import modes
+from modes import ApplyOptions
 from modes.adapters import spec_for
 from modes.engine.kernels import cpu_supports
 from tiny_models import END_ID, START_ID, TINY_MODELS, TinyModel, build, prompts
@@ -319,13 +320,13 @@ def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, 
     from modes.engine import execute
 
     loop_chosen = []
-    choose = execute._loop_is_cheaper
+    choose = execute.PlainLoop.runs_loop
 
-    def spy(experts, hidden, kept):
-        loop_chosen.append(choose(experts, hidden, kept))
+    def spy(self, kept, num_experts):
+        loop_chosen.append(choose(self, kept, num_experts))
         return loop_chosen[-1]
 
-    monkeypatch.setattr(execute, "_loop_is_cheaper", spy)
+    monkeypatch.setattr(execute.PlainLoop, "runs_loop", spy)
     model = build(tiny)
     ids = prompts(tiny, batch=1, length=2)  # 2 tokens x top-4 = 8 slots: any skip leaves < 8 experts' rows
     assert_matches_dense_reference(model, tiny, make_plan(model, tiny, tau=MODERATE, seed=11), ids)
@@ -339,14 +340,14 @@ def test_few_kept_rows_take_the_expert_loop_and_still_match_the_reference(tiny, 
 def cpu_path_refusal(model, option: str) -> str | None:
     """What ``modes.apply(model, ..., **{option: True})`` must refuse with, if anything."""
     if spec_for(model.config.model_type).dense_router:
-        return f"{option} does not apply to {model.config.model_type}"
+        return f"execution={option!r} does not apply to {model.config.model_type}"
     experts = next(m for m in model.modules() if modes.engine.execute.is_experts_module(m))
-    if option == "cpu_kernel" and experts.is_transposed:
+    if option == "compiled" and experts.is_transposed:
         return r"stores them \[in, out\]"
     return None
 
 
-@pytest.mark.parametrize("option", ["pack_weights", pytest.param("cpu_kernel", marks=NEEDS_KERNEL)])
+@pytest.mark.parametrize("option", ["packed", pytest.param("compiled", marks=NEEDS_KERNEL)])
 @pytest.mark.parametrize("tiny", FAMILIES)
 def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny, option):
     model = build(tiny)
@@ -354,19 +355,19 @@ def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(ti
     refusal = cpu_path_refusal(model, option)
     if refusal:
         with pytest.raises(ValueError, match=refusal):
-            modes.apply(model, make_plan(model, tiny, tau=0.0), **{option: True})
+            modes.apply(model, make_plan(model, tiny, tau=0.0), options=ApplyOptions(option))
         assert not modes.engine.is_patched(model)
         return
     with torch.no_grad():
         reference = model(**call_kwargs(tiny, ids)).logits
         reference_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
-        modes.apply(model, make_plan(model, tiny, tau=0.0), **{option: True})
+        modes.apply(model, make_plan(model, tiny, tau=0.0), options=ApplyOptions(option))
         assert torch.equal(model(**call_kwargs(tiny, ids)).logits, reference)
         generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
     assert torch.equal(generation, reference_generation)
     modes.remove(model)
     plan = make_plan(model, tiny, tau=MODERATE, seed=3)
-    assert_matches_dense_reference(model, tiny, plan, ids, **{option: True})
+    assert_matches_dense_reference(model, tiny, plan, ids, options=ApplyOptions(option))
     with torch.no_grad():
         faster_generation = model.generate(**call_kwargs(tiny, ids), max_new_tokens=4, do_sample=False)
         modes.apply(model, plan, special_token_ids=[START_ID, END_ID])
@@ -377,8 +378,8 @@ def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(ti
 def test_both_cpu_paths_at_once_are_refused_before_anything_is_patched():
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny)
-    with pytest.raises(ValueError, match=r"pack_weights and cpu_kernel .* choose one"):
-        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True, cpu_kernel=True)
+    with pytest.raises(ValueError, match=r"execution must be one of"):
+        modes.apply(model, make_plan(model, tiny, tau=0.0), options=ApplyOptions("packed+compiled"))
     assert not modes.engine.is_patched(model)
 
 
@@ -386,8 +387,8 @@ def test_a_model_that_cannot_be_packed_is_left_untouched():
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny).half()
     originals = [module for name, module in model.named_modules() if name.endswith("experts")]
-    with pytest.raises(ValueError, match=r"not torch\.float16: apply without pack_weights=True"):
-        modes.apply(model, make_plan(model, tiny, tau=0.0), pack_weights=True)
+    with pytest.raises(ValueError, match=r"not torch\.float16: apply with execution='default'"):
+        modes.apply(model, make_plan(model, tiny, tau=0.0), options=ApplyOptions("packed"))
     assert not modes.engine.is_patched(model)
     assert [module for name, module in model.named_modules() if name.endswith("experts")] == originals
 
@@ -397,7 +398,7 @@ def test_remove_releases_the_packed_copies():
     relies on it to time the unskipped model without them)."""
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny)
-    modes.apply(model, make_plan(model, tiny, tau=MODERATE), pack_weights=True)
+    modes.apply(model, make_plan(model, tiny, tau=MODERATE), options=ApplyOptions("packed"))
     packs = [weakref.ref(site.module.cpu_path) for site in modes.engine.patch.moe_sites(model)]
     assert packs and all(pack() is not None for pack in packs)
     gc.disable()  # freed by reference counting alone, as soon as the patch goes

@@ -17,6 +17,7 @@ from modes.engine.packed import PackedExperts
 from modes.evaluation import lmms_tasks
 from modes.evaluation.lmms import ModesLMM
 from modes.evaluation.lmms_tasks import utils as task
+from modes.policies import KReductionConfig
 
 TASK_YAML = Path(lmms_tasks.__file__).with_name("modes_bundled.yaml")
 
@@ -72,9 +73,7 @@ def test_tiny_offline_task_scores_what_modes_evaluate_scores(tmp_path):
     assert accuracy == reference["accuracy"]
     assert lm.skip_stats() is None
 
-    plan = modes.SkipPlan(
-        {}, {}, method="k_reduction", parameters={"keep": 2}, model=modes.model_info(lm.model)
-    )
+    plan = modes.SkipPlan(policy=KReductionConfig(keep=2), model=modes.model_info(lm.model))
     plan.save(tmp_path / "plan.json")
     skipping = ModesLMM(plan=str(tmp_path / "plan.json"), batch_size=8)
     skipping.task_dict = task_dict

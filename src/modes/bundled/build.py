@@ -14,7 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3VLMoeConfig
 
-from modes.bundled.benchmark import IMAGE_SIZE, vocabulary
+from modes.data.benchmark import IMAGE_SIZE, vocabulary
 from modes.loading import PATCH_SIZE, build_qwen3_vl_processor
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tokenizer", "model_config", "save_processor"]

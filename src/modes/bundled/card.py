@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from modes.bundled.benchmark import SKILLS, SPLITS
+from modes import engine
 from modes.bundled.train import training_summary
+from modes.data.benchmark import SKILLS, SPLITS
 from modes.data.samples import load_samples
-from modes.engine import patch as engine
 from modes.evaluation.evaluate import evaluate
 from modes.io import write_json_atomic
 from modes.loading import bundled_model_path, load_model
@@ -87,7 +87,7 @@ def _card(results: dict[str, Any], config: dict[str, Any]) -> str:
     return f"""# modes bundled model: a small trained Qwen3-VL-MoE
 
 `Qwen3VLMoeForConditionalGeneration`, trained from scratch on the synthetic benchmark in
-`modes.bundled.benchmark`, so that the whole MoDES pipeline runs on a laptop CPU with real
+`modes.data.benchmark`, so that the whole MoDES pipeline runs on a laptop CPU with real
 accuracy-versus-skipping trade-offs. Weights are stored in bf16 and loaded as float32.
 
 ## Architecture

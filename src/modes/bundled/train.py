@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from modes.bundled.benchmark import COLORS, SHAPES, SKILLS, SPLITS, Sample, cell_labels, make_sample
 from modes.bundled.build import build_tokenizer, model_config, save_processor
+from modes.data.benchmark import COLORS, SHAPES, SKILLS, SPLITS, cell_labels, make_sample
 from modes.data.encoding import encode_teacher_forced
+from modes.data.sample import Sample
 from modes.io import write_json_atomic
 from modes.loading import load_processor
 

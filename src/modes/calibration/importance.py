@@ -17,15 +17,16 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from modes import engine
 from modes.adapters.registry import MODALITIES, spec_for
-from modes.bundled.benchmark import Sample
 from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
 from modes.calibration.replay import PrefixReplay, media_encoders
-from modes.engine import patch as engine
-from modes.engine.rule import Routing
+from modes.data.sample import Sample
+from modes.engine import ModelInfo
+from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import modality_code
+from modes.errors import PlanError
 from modes.io import write_json_atomic
-from modes.plan import ModelInfo, PlanError
 
 __all__ = ["Importance", "calibrate"]
 
@@ -46,6 +47,10 @@ class Importance:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if m in next(iter(self.alphas.values())))
+
+    def max_alphas(self) -> dict[str, float]:
+        """The largest alpha of each modality: with pi <= 1, no score s = alpha * pi exceeds it."""
+        return {m: max(alphas[m] for alphas in self.alphas.values()) for m in self.modalities}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +102,22 @@ class _Knockout:
         return hit.unsqueeze(1).expand_as(routing.pi)
 
 
+@dataclass
+class _KnockoutPlan:
+    """The engine plan of calibration: `_Knockout` rules that all read one mutable ``target``
+    ({"layer": l, "codes": modality codes}), so one patch serves every knockout pass."""
+
+    special_token_ids: tuple[int, ...]
+    target: dict[str, Any] = field(default_factory=dict)
+    renormalize: bool = False
+
+    def rule(self, layer: int) -> SkipRule:
+        return _Knockout(layer, self.target)
+
+    def check_fits(self, info: ModelInfo) -> None:
+        """Built for the model at hand."""
+
+
 def calibrate(
     model: Any,
     processor: Any,
@@ -115,14 +136,9 @@ def calibrate(
     info = engine.model_info(model)
     device = next(model.parameters()).device
     tokenizer = getattr(processor, "tokenizer", processor)
-    target: dict[str, Any] = {}
-    engine.apply(
-        model,
-        None,
-        special_token_ids or tokenizer.all_special_ids,
-        rule_factory=lambda layer: _Knockout(layer, target),
-    )
-    try:
+    knockout = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids))
+    target = knockout.target
+    with engine.applied(model, knockout):
         sites = engine.moe_sites(model)
         replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
         batches = prepare_batches(processor, samples, batch_size, device)
@@ -135,8 +151,6 @@ def calibrate(
             for batch in batches:
                 _knockout_pass(model, batch, replay, target, info, groups, sums, reuse_prefix, bar)
         bar.close()
-    finally:
-        engine.remove(model)
     answer_tokens = sum(b.answer_tokens for b in batches)
     raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
     return Importance(
@@ -145,7 +159,12 @@ def calibrate(
         mode=mode,
         model=info,
         answer_tokens=answer_tokens,
-        provenance={"samples": len(samples), "batch_size": batch_size, "reuse_prefix": reuse_prefix},
+        provenance={
+            "samples": len(samples),
+            "batch_size": batch_size,
+            "reuse_prefix": reuse_prefix,
+            "special_token_ids": list(knockout.special_token_ids),
+        },
     )
 
 

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modes.bundled.benchmark import Sample
 from modes.data.encoding import answer_logit_mask, encode_teacher_forced
-from modes.evaluation.evaluate import batches_by_kind
+from modes.data.sample import Sample, batches_by_kind
 
 __all__ = ["CalibrationBatch", "answer_kl", "prepare_batches"]
 

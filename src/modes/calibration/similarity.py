@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from modes import engine
 from modes.adapters.registry import UnsupportedModelError, spec_for
-from modes.bundled.benchmark import Sample
 from modes.calibration.kl import prepare_batches
-from modes.engine import patch as engine
+from modes.data.sample import Sample
 
 __all__ = ["expert_outputs", "expert_similarity", "linear_cka"]
 

@@ -1,260 +1,276 @@
-"""`modes` command line: calibrate, search, eval, demo.
+"""modes: training-free expert skipping (MoDES) for transformers MoE models.
 
-Every command works on the bundled model by default (--model takes any local or hub
-checkpoint), prints a human table, and writes JSON with --out (plots beside it).
+  calibrate  alpha per MoE layer and modality        -> importance JSON (+ PNG)
+  search     thresholds for a target skip ratio       -> plan JSON (+ PNG, resumable cache)
+  eval       accuracy and skip ratios, with a plan    -> report JSON
+  demo       calibrate, search, evaluate: the whole pipeline on one model
+  compare    MoDES, its ablations and baselines at matched skip ratios
+  bench      prefill latency and decode tokens/s with and without a plan
+
+Every command runs on the bundled model by default (--model: any local or hub checkpoint).
+Targets are shares of the skippable slots (text and media tokens; special tokens are never
+skipped), like the paper's k' of k experts; --target-of all makes them shares of all slots.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from modes.calibration.importance import Importance, calibrate
-from modes.data.samples import Columns, DataFileError, load_samples
-from modes.evaluation.evaluate import evaluate
-from modes.evaluation.fidelity import fidelity
-from modes.io import write_json_atomic
-from modes.loading import load_model
-from modes.plan import PlanError, SkipPlan
-from modes.search.frontier import SearchBudgetError, TargetUnreachableError, search
-from modes.search.grid import GridSpec
+__all__ = ["build_parser", "main"]
 
-__all__ = ["main"]
+EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
 
 
-# -- shared pieces ---------------------------------------------------------------------------
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=None, help="checkpoint directory or hub id (default: the bundled model)"
-    )
+class UserError(Exception):
+    """A mistake in the command line or its files: printed as one line, never a traceback."""
 
 
-def _add_data(parser: argparse.ArgumentParser, split: str, samples: int | None) -> None:
-    parser.add_argument(
-        "--data", default=None, help="JSONL, parquet or dataset directory (default: bundled benchmark)"
-    )
-    parser.add_argument(
-        "--split", default=split, help=f"bundled benchmark split or dataset split (default {split})"
-    )
-    parser.add_argument("--samples", type=int, default=samples, help="use the first N samples")
-    parser.add_argument("--batch-size", type=int, default=16)
-    for field in ("image", "question", "answer", "skill", "id"):
-        parser.add_argument(f"--{field}-column", default=field, help=f"column holding the {field}")
+# -- inputs, checked before any model loads ----------------------------------------------------
+def _existing(path: str | None, what: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise UserError(f"{what} {path} does not exist")
+    return Path(path)
+
+
+def _load_model(name: str | None) -> tuple[Any, Any]:
+    from modes.loading import load_model
+
+    if name is not None and _looks_local(name) and not Path(name).exists():
+        raise UserError(f"--model {name} does not exist (give a checkpoint directory or a hub id org/name)")
+    try:
+        return load_model(name)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load --model {name}: {first}") from error
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).suffix != ""
 
 
 def _samples(args: argparse.Namespace) -> list:
+    from modes.data.samples import Columns, load_samples
+
+    _existing(args.data, "--data")
     columns = Columns(
         args.image_column, args.question_column, args.answer_column, args.skill_column, args.id_column
     )
     return load_samples(args.data, split=args.split, limit=args.samples, columns=columns)
 
 
-def _write(path: str | None, data: dict[str, Any]) -> None:
+def _plan(path: str | None):
+    from modes.plan import SkipPlan
+
+    return SkipPlan.load(_existing(path, "--plan")) if path else None
+
+
+def _importance(path: str):
+    from modes.calibration.importance import Importance
+
+    return Importance.load(_existing(path, "--importance"))
+
+
+def _options(args: argparse.Namespace):
+    from modes.engine.options import ApplyOptions, execution_of
+
+    return ApplyOptions(execution=execution_of(args.pack_weights, args.cpu_kernel))
+
+
+def _wrote(path: str | Path) -> None:
+    print(f"wrote {path}")
+
+
+def _write(path: str | Path | None, data: dict[str, Any]) -> None:
+    from modes.io import write_json_atomic
+
     if path:
-        write_json_atomic(path, data)
-        print(f"wrote {path}")
+        _wrote(write_json_atomic(path, data))
 
 
-def _plot(function, result, json_path: str | None, suffix: str) -> None:
-    if not json_path:
-        return
+def _plot(function_name: str, result: Any, path: Path) -> None:
     try:
-        png = function(result, Path(json_path).with_suffix(suffix))
-        print(f"wrote {png}")
-    except ImportError as error:
-        print(f"(no plot: {error})")
+        from modes.evaluation import plots
+    except ImportError as error:  # matplotlib is an optional dependency
+        print(f"(no plot {path}: {error}; pip install 'modes[plots]')")
+        return
+    _wrote(getattr(plots, function_name)(result, path))
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+def _ratios_line(report: dict[str, Any]) -> str:
+    ratios = ", ".join(f"{m} {r:.4f}" for m, r in report["per_modality"].items())
+    return (
+        f"skip ratio {report['skippable_ratio']:.4f} of the skippable slots, {report['skip_ratio']:.4f} "
+        f"of all slots"
+        + (f" (per modality: {ratios}; other = special tokens, never skipped)" if ratios else "")
+    )
 
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from modes.evaluation.plots import plot_importance
+    from modes.calibration.importance import calibrate
+    from modes.evaluation.report import text_table
 
-    model, processor = load_model(args.model)
+    samples = _samples(args)
+    model, processor = _load_model(args.model)
     importance = calibrate(
-        model,
-        processor,
-        _samples(args),
-        mode=args.mode,
-        batch_size=args.batch_size,
-        reuse_prefix=not args.no_reuse,
+        model, processor, samples, mode=args.mode, batch_size=args.batch_size, reuse_prefix=not args.no_reuse
     )
     rows = [
         [layer, *(f"{alphas[m]:.4f}" for m in importance.modalities)]
         for layer, alphas in importance.alphas.items()
     ]
-    print(_table(rows, ["layer", *importance.modalities]))
-    if args.out:
-        importance.save(args.out)
-        print(f"wrote {args.out}")
-    _plot(plot_importance, importance, args.out, ".png")
+    print(text_table(rows, ["layer", *importance.modalities]))
+    _wrote(importance.save(args.out))
+    _plot("plot_importance", importance, Path(args.out).with_suffix(".png"))
 
 
-def _grid(args: argparse.Namespace, importance: Importance) -> GridSpec:
+def _grid(args: argparse.Namespace, importance: Any) -> Any:
+    from modes.search.grid import GridSpec
+
     if args.grid_x_max == "auto":
-        max_scores = {m: max(a[m] for a in importance.alphas.values()) for m in importance.modalities}
-        return GridSpec.covering(max_scores, size=args.grid_size, mapping=args.grid_mapping)
+        return GridSpec.covering(importance.max_alphas(), size=args.grid_size, mapping=args.grid_mapping)
     return GridSpec(size=args.grid_size, mapping=args.grid_mapping)
 
 
-def run_search(
-    args: argparse.Namespace,
-    model,
-    processor,
-    samples,
-    importance: Importance,
-    target: float,
-    out: str | None,
-):
-    from modes.evaluation.plots import plot_search
+def cmd_search(args: argparse.Namespace) -> None:
+    from modes.io import write_json_atomic
+    from modes.search.frontier import search
 
-    cache = args.cache or (f"{out}.cache.jsonl" if out else None)
+    importance, samples = _importance(args.importance), _samples(args)
+    model, processor = _load_model(args.model)
+    cache = args.cache or f"{args.out}.cache.jsonl"
+    args.resume_hint = f"points evaluated so far are in {cache}; rerun the same command to resume"
     result = search(
         model,
         processor,
         samples,
         importance,
-        target,
+        args.target,
         grid=_grid(args, importance),
         method=args.method,
         cache=cache,
         batch_size=args.batch_size,
         max_evaluations=args.max_evaluations,
+        target_of=args.target_of,
     )
-    thresholds = ", ".join(f"tau_{m}={t:.5f}" for m, t in result.best.thresholds.items())
+    best = result.best
+    thresholds = ", ".join(f"tau_{m}={t:.5f}" for m, t in best.thresholds.items())
     print(
-        f"target {target:.2f}: {thresholds}; calibration skip ratio {result.best.g:.4f}, "
-        f"KL {result.best.f:.5f}; {len(result.points)} points evaluated ({result.evaluations} new)"
+        f"target {args.target:.2f} of the {args.target_of} slots: {thresholds}; calibration skip ratio "
+        f"{best.g_skippable:.4f} of the skippable slots, {best.g:.4f} of all; KL {best.f:.5f}; "
+        f"{len(result.points)} points evaluated ({result.evaluations} new)"
     )
-    if out:
-        result.plan.save(out)
-        write_json_atomic(Path(out).with_suffix(".search.json"), result.to_json())
-        print(f"wrote {out}")
-    _plot(plot_search, result, out, ".png")
-    return result
-
-
-def cmd_search(args: argparse.Namespace) -> None:
-    model, processor = load_model(args.model)
-    run_search(
-        args, model, processor, _samples(args), Importance.load(args.importance), args.target, args.out
-    )
+    _wrote(result.plan.save(args.out))
+    _wrote(write_json_atomic(Path(args.out).with_suffix(".search.json"), result.to_json()))
+    _plot("plot_search", result, Path(args.out).with_suffix(".png"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    model, processor = load_model(args.model)
-    samples = _samples(args)
-    plan = SkipPlan.load(args.plan) if args.plan else None
-    options = dict(batch_size=args.batch_size, pack_weights=args.pack_weights, cpu_kernel=args.cpu_kernel)
-    report = evaluate(model, processor, samples, plan=plan, **options)
+    from modes.evaluation.evaluate import evaluate
+    from modes.evaluation.fidelity import fidelity
+    from modes.evaluation.report import text_table
+
+    plan, samples, options = _plan(args.plan), _samples(args), _options(args)
+    model, processor = _load_model(args.model)
+    report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size, options=options)
     report.pop("answers")
-    report["pack_weights"], report["cpu_kernel"] = args.pack_weights, args.cpu_kernel
+    report["execution"] = options.execution
     if plan is not None:
-        report["fidelity"] = fidelity(model, processor, samples, plan, **options)
+        report["fidelity"] = fidelity(
+            model, processor, samples, plan, batch_size=args.batch_size, options=options
+        )
     rows = [[skill, f"{acc:.4f}"] for skill, acc in report["per_skill"].items()]
-    rows.append(["overall", f"{report['accuracy']:.4f}"])
-    print(_table(rows, ["skill", "accuracy"]))
-    ratios = ", ".join(f"{m} {r:.4f}" for m, r in report["per_modality"].items())
-    print(f"skip ratio {report['skip_ratio']:.4f}" + (f" ({ratios})" if ratios else ""))
+    rows.append(["overall", f"{report['accuracy']:.4f} +- {report['accuracy_se']:.4f}"])
+    print(text_table(rows, ["skill", "accuracy"]))
+    print(_ratios_line(report))
     if "fidelity" in report:
         kl, agreement = report["fidelity"]["mean_kl"], report["fidelity"]["top1_agreement"]
-        print(f"mean KL {kl:.5f}, top-1 agreement {agreement:.4f}")
+        print(f"mean KL {kl:.5f}, top-1 agreement {agreement:.4f} (answer tokens vs the unskipped model)")
     _write(args.out, report)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Calibrate, search each target, evaluate with and without each plan: the whole pipeline."""
-    from modes.evaluation.compare import skippable_share
+    import time
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from modes.data.samples import load_samples
+    from modes.evaluation.demo import demo
+    from modes.evaluation.report import text_table
+
     started = time.perf_counter()
-    model, processor = load_model(args.model)
+    out = Path(args.out_dir)
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
-    print(f"1/3 calibrate on {len(calibration)} calibration samples")
-    importance = calibrate(model, processor, calibration, batch_size=args.batch_size)
-    importance.save(out / "importance.json")
-    from modes.evaluation.plots import plot_importance
-
-    _plot(plot_importance, importance, str(out / "importance.json"), ".png")
-    share = skippable_share(model, processor, calibration, args.batch_size) if args.of_skippable else 1.0
+    model, processor = _load_model(args.model)
     print(
-        f"2/3 search targets {args.targets}"
-        + (f" of the skippable slots ({share:.3f} of all)" if share < 1 else "")
+        f"calibrate on {len(calibration)} calibration samples, search targets {args.targets} of the "
+        f"{args.target_of} slots, evaluate on {len(test)} test samples"
     )
-    plans = {}
-    for target in args.targets:
-        plan_path = str(out / f"plan_{round(target * 100)}.json")
-        result = run_search(args, model, processor, calibration, importance, target * share, plan_path)
-        plans[target] = (result.plan, result.best.g)
-    print(f"3/3 evaluate on {len(test)} test samples")
-    baseline = evaluate(model, processor, test, batch_size=args.batch_size)
-    rows, summary = [["none", "-", "0.0000", "0.0000", f"{baseline['accuracy']:.4f}", "100.00"]], []
-    for target, (plan, calibration_ratio) in plans.items():
-        report = evaluate(model, processor, test, plan=plan, batch_size=args.batch_size)
-        taus = " ".join(f"{t:.4f}" for t in plan.thresholds.values())
-        relative = 100 * report["accuracy"] / baseline["accuracy"]
+    cache = out / "search.cache.jsonl"
+    args.resume_hint = f"search points so far are in {cache}; rerun the same command to resume"
+    result = demo(
+        model,
+        processor,
+        calibration,
+        test,
+        args.targets,
+        args.grid_size,
+        args.batch_size,
+        args.target_of,
+        cache,
+    )
+    _wrote(result.importance.save(out / "importance.json"))
+    _plot("plot_importance", result.importance, out / "importance.png")
+    for target, search_result in result.searches.items():
+        plan_path = out / f"plan_{round(target * 100)}.json"
+        _wrote(search_result.plan.save(plan_path))
+        _plot("plot_search", search_result, plan_path.with_suffix(".png"))
+    summary = result.summary()
+    base = summary["baseline"]
+    rows = [["none", "-", "-", "0.000 / 0.000", f"{base['accuracy']:.4f}", "100.00"]]
+    for plan in summary["plans"]:
+        taus = " / ".join(f"{t:.4f}" for t in plan["thresholds"].values())
         rows.append(
             [
-                f"{target:.2f}",
+                f"{plan['target']:.2f}",
                 taus,
-                f"{calibration_ratio:.4f}",
-                f"{report['skip_ratio']:.4f}",
-                f"{report['accuracy']:.4f}",
-                f"{relative:.2f}",
+                f"{plan['calibration_ratio']:.3f}",
+                f"{plan['test_ratio']:.3f} / {plan['test_ratio_of_all_slots']:.3f}",
+                f"{plan['accuracy']:.4f} +- {plan['accuracy_se']:.4f}",
+                f"{plan['relative_accuracy']:.2f}",
             ]
         )
-        summary.append(
-            {
-                "target": target,
-                "thresholds": plan.thresholds,
-                "calibration_ratio": calibration_ratio,
-                "test_ratio": report["skip_ratio"],
-                "test_per_modality": report["per_modality"],
-                "accuracy": report["accuracy"],
-                "per_skill": report["per_skill"],
-                "relative_accuracy": relative,
-            }
-        )
+    modalities = "/".join(summary["plans"][0]["thresholds"]) if summary["plans"] else ""
     header = [
         "target",
-        "tau (" + "/".join(next(iter(plans.values()))[0].thresholds) + ")",
+        f"tau ({modalities})",
         "calib ratio",
-        "test ratio",
+        "test ratio (skippable / all)",
         "accuracy",
         "relative %",
     ]
-    print(_table(rows, header))
-    elapsed = time.perf_counter() - started
-    _write(
-        str(out / "demo.json"),
-        {
-            "baseline": {k: baseline[k] for k in ("accuracy", "per_skill")},
-            "plans": summary,
-            "seconds": elapsed,
-        },
-    )
-    print(f"done in {elapsed:.0f} s; plans in {out}")
+    print(text_table(rows, header))
+    summary["seconds"] = time.perf_counter() - started
+    _write(out / "demo.json", summary)
+    print(f"done in {summary['seconds']:.0f} s")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    """Every method at every target on the test split: Markdown table, JSON and a PNG plot."""
+    from modes.calibration.importance import calibrate
+    from modes.data.samples import load_samples
     from modes.evaluation.compare import compare
-    from modes.evaluation.plots import plot_compare
+    from modes.evaluation.report import compare_markdown
+    from modes.io import write_text_atomic
 
-    model, processor = load_model(args.model)
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
+    model, processor = _load_model(args.model)
     importance = calibrate(model, processor, calibration, mode=args.alpha_mode, batch_size=args.batch_size)
+    out = Path(args.out)
     report = compare(
         model,
         processor,
@@ -265,50 +281,43 @@ def cmd_compare(args: argparse.Namespace) -> None:
         args.methods,
         args.grid_size,
         args.batch_size,
+        target_of=args.target_of,
+        cache_dir=out.parent / "cache",
     )
     markdown = compare_markdown(report)
     print(markdown)
-    out = Path(args.out)
-    _write(str(out), report)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    _plot(plot_compare, report, str(out), ".png")
+    _write(out, report)
+    _wrote(write_text_atomic(out.with_suffix(".md"), markdown + "\n"))
+    _plot("plot_compare", report, out.with_suffix(".png"))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    """Prefill latency and decode tokens/s with and without a plan."""
     import torch
 
-    from modes.engine.patch import model_info
+    from modes.engine import ApplyOptions, model_info
     from modes.evaluation.allocator import choose_allocator
     from modes.evaluation.bench import bench, shaped_model
+    from modes.evaluation.report import text_table
+    from modes.plan import SkipPlan
+    from modes.policies import KReductionConfig
 
+    plan = _plan(args.plan)
     allocator = choose_allocator(args.system_malloc)  # before the model's allocations
     if args.shape:
-        model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), []
+        model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), ()
     else:
-        model, processor = load_model(args.model)
+        model, processor = _load_model(args.model)
         special = processor.tokenizer.all_special_ids
-    if args.plan:
-        plan = SkipPlan.load(args.plan)
-    else:  # no calibrated plan for random weights: k-reduction gives the ratio exactly
+    if plan is None:  # no calibrated plan for random weights: k-reduction gives the ratio exactly
         info = model_info(model)
-        keep = max(0, round(info.top_k * (1 - args.skip_ratio)))
-        plan = SkipPlan({}, {}, method="k_reduction", parameters={"keep": keep}, model=info)
+        plan = SkipPlan(policy=KReductionConfig.for_ratio(info.top_k, args.skip_ratio), model=info)
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     # ids from the whole vocabulary: a prompt of few distinct ids routes to few experts, which
     # flatters skipping (fewer expert weights to read per layer) beyond what real text gives
     input_ids = torch.randint(10, vocab, (args.batch, args.prompt_tokens), generator=generator)
-    report = bench(
-        model,
-        plan,
-        input_ids,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        special_token_ids=special,
-        pack_weights=args.pack_weights,
-        cpu_kernel=args.cpu_kernel,
-    )
+    options = ApplyOptions(execution=_options(args).execution, special_token_ids=tuple(special))
+    report = bench(model, plan, input_ids, new_tokens=args.new_tokens, repeats=args.repeats, options=options)
     report["allocator"] = allocator
     rows = [
         [
@@ -319,58 +328,62 @@ def cmd_bench(args: argparse.Namespace) -> None:
         ]
         for label, r in ((k, report[k]) for k in ("unskipped", "plan"))
     ]
-    print(_table(rows, ["model", "prefill ms", "decode tok/s", "skip ratio"]))
     print(
-        f"prefill speedup {report['prefill_speedup']:.2f}x, decode speedup {report['decode_speedup']:.2f}x; "
+        text_table(rows, ["model", "prefill ms (median)", "decode tok/s (median)", "skip ratio (all slots)"])
+    )
+    print(
+        f"prefill speedup {report['prefill_speedup']:.2f}x, decode speedup {report['decode_speedup']:.2f}x "
+        "(medians of per-round ratios, so they need not equal the ratio of the medians above); "
         f"MoE share {report['moe_share_of_prefill']:.2f} -> Amdahl bound {report['amdahl_bound']:.2f}x "
         f"({report['prefill_fraction_of_bound']:.0%} of it reached)"
     )
     _write(args.out, report)
 
 
-def compare_markdown(report: dict[str, Any]) -> str:
-    """The paper-style table: per-skill accuracy, relative accuracy, realised ratios."""
-    skills = list(report["baseline"]["per_skill"])
-    header = ["method", "target", "ratio", "text", "visual", *skills, "accuracy", "relative %"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = report["baseline"]
-    cells = ["unskipped", "-", "0.000", "-", "-", *(f"{base['per_skill'][k] * 100:.1f}" for k in skills)]
-    lines.append("| " + " | ".join([*cells, f"{base['accuracy'] * 100:.1f}", "100.0"]) + " |")
-    for row in report["rows"]:
-        modality = [f"{row['per_modality'].get(m, 0.0):.3f}" for m in ("text", "visual")]
-        cells = [row["method"], f"{row['target']:.2f}", f"{row['ratio']:.3f}", *modality]
-        cells += [f"{row['per_skill'][k] * 100:.1f}" for k in skills]
-        lines.append(
-            "| "
-            + " | ".join([*cells, f"{row['accuracy'] * 100:.1f}", f"{row['relative_accuracy']:.1f}"])
-            + " |"
-        )
-    return "\n".join(lines)
-
-
 # -- parser ----------------------------------------------------------------------------------
-def _add_search_options(parser: argparse.ArgumentParser, grid_size: int, x_max: str) -> None:
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="checkpoint directory or hub id (default: the bundled model)"
+    )
+
+
+def _add_data(parser: argparse.ArgumentParser, split: str, samples: int | None, batch_size: int) -> None:
+    parser.add_argument(
+        "--data", default=None, help="JSONL, parquet or dataset directory (default: bundled benchmark)"
+    )
+    parser.add_argument("--split", default=split, help="bundled benchmark split, or the dataset's split")
+    parser.add_argument("--samples", type=int, default=samples, help="use the first N samples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="samples per forward pass")
+    for field in ("image", "question", "answer", "skill", "id"):
+        parser.add_argument(f"--{field}-column", default=field, help=f"data column holding the {field}")
+
+
+def _add_target_of(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target-of",
+        choices=["skippable", "all"],
+        default="skippable",
+        help="targets are shares of the skippable slots (text and media tokens, like k' of k experts) "
+        "or of all slots (special tokens, never skipped, included)",
+    )
+
+
+def _add_grid(parser: argparse.ArgumentParser, grid_size: int, x_max: str) -> None:
     parser.add_argument("--grid-size", type=int, default=grid_size, help="D, thresholds per modality")
-    parser.add_argument("--grid-mapping", choices=["sigmoid", "linear"], default="sigmoid")
+    parser.add_argument(
+        "--grid-mapping",
+        choices=["sigmoid", "linear"],
+        default="sigmoid",
+        help="x -> tau: the release's sigmoid (dense near 0) or tau = x",
+    )
     parser.add_argument(
         "--grid-x-max",
         choices=["default", "auto"],
         default=x_max,
-        help="default: the released code's x_max; auto: the grid's top tau skips every slot",
-    )
-    parser.add_argument("--method", choices=["frontier", "exhaustive"], default="frontier")
-    parser.add_argument("--cache", default=None, help="resumable point cache (default: OUT.cache.jsonl)")
-    parser.add_argument(
-        "--max-evaluations", type=int, default=None, help="stop after N new points (resume later)"
-    )
-
-
-def _add_of_skippable(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--of-all-slots",
-        dest="of_skippable",
-        action="store_false",
-        help="targets are ratios of all slots (default: of the skippable, non-special ones, like k' of k)",
+        help="default: the release's x_max (tuned for 48 layers); auto: the largest tau skips every slot",
     )
 
 
@@ -388,97 +401,145 @@ def _add_cpu_paths(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _targets(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from error
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"targets must be in (0, 1), got {text!r}")
+    return values
+
+
+def _target(text: str) -> float:
+    values = _targets(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one target, got {text!r}")
+    return values[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    calibrate_parser = commands.add_parser("calibrate", help="alpha per MoE layer and modality")
-    _add_model(calibrate_parser)
-    _add_data(calibrate_parser, "calibration", 256)
-    calibrate_parser.add_argument("--mode", choices=["per_modality", "shared"], default="per_modality")
-    calibrate_parser.add_argument(
-        "--no-reuse", action="store_true", help="recompute the unchanged prefix (slower)"
+    calibrate = commands.add_parser(
+        "calibrate", help="alpha per MoE layer and modality", formatter_class=HELP
     )
-    calibrate_parser.add_argument("--out", required=True, help="importance JSON")
-    calibrate_parser.set_defaults(run=cmd_calibrate)
-
-    search_parser = commands.add_parser("search", help="thresholds for a target skip ratio")
-    _add_model(search_parser)
-    _add_data(search_parser, "calibration", 256)
-    search_parser.add_argument("--importance", required=True, help="importance JSON from `modes calibrate`")
-    search_parser.add_argument("--target", type=float, required=True, help="target skip ratio, e.g. 0.88")
-    _add_search_options(search_parser, grid_size=100, x_max="default")
-    search_parser.add_argument("--out", required=True, help="plan JSON")
-    search_parser.set_defaults(run=cmd_search)
-
-    eval_parser = commands.add_parser("eval", help="accuracy and skip ratio, with or without a plan")
-    _add_model(eval_parser)
-    _add_data(eval_parser, "test", None)
-    eval_parser.add_argument("--plan", default=None)
-    eval_parser.add_argument("--out", default=None, help="report JSON")
-    _add_cpu_paths(eval_parser)
-    eval_parser.set_defaults(run=cmd_eval, batch_size=64)
-
-    demo_parser = commands.add_parser("demo", help="the whole pipeline on the bundled model")
-    _add_model(demo_parser)
-    demo_parser.add_argument(
-        "--targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.75, 0.88]
+    _add_model(calibrate)
+    _add_data(calibrate, "calibration", 256, 16)
+    calibrate.add_argument(
+        "--mode",
+        choices=["per_modality", "shared"],
+        default="per_modality",
+        help="per_modality: an alpha per layer and modality (the release); shared: per layer (the paper)",
     )
-    demo_parser.add_argument("--calibration-samples", type=int, default=256)
-    demo_parser.add_argument("--test-samples", type=int, default=None)
-    demo_parser.add_argument("--batch-size", type=int, default=32)
-    demo_parser.add_argument("--out-dir", default="runs/demo")
-    _add_search_options(demo_parser, grid_size=24, x_max="auto")
-    _add_of_skippable(demo_parser)
-    demo_parser.set_defaults(run=cmd_demo)
+    calibrate.add_argument("--no-reuse", action="store_true", help="recompute the unchanged prefix (slower)")
+    calibrate.add_argument("--out", required=True, help="importance JSON (plot beside it)")
+    calibrate.set_defaults(run=cmd_calibrate)
 
-    bench_parser = commands.add_parser(
-        "bench", help="prefill latency and decode tokens/s with and without a plan"
+    search = commands.add_parser("search", help="thresholds for a target skip ratio", formatter_class=HELP)
+    _add_model(search)
+    _add_data(search, "calibration", 256, 16)
+    search.add_argument("--importance", required=True, help="importance JSON from `modes calibrate`")
+    search.add_argument(
+        "--target", type=_target, required=True, help="target skip ratio in (0, 1), e.g. 0.88"
     )
-    _add_model(bench_parser)
-    bench_parser.add_argument(
-        "--shape", default=None, help="random-weight model with real shapes: qwen3-vl-30b-a3b"
+    _add_target_of(search)
+    _add_grid(search, grid_size=100, x_max="default")
+    search.add_argument(
+        "--method",
+        choices=["frontier", "exhaustive"],
+        default="frontier",
+        help="walk (<= 2D points) or all D^2",
     )
-    bench_parser.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape model")
-    bench_parser.add_argument(
+    search.add_argument("--cache", default=None, help="resumable point cache (default: OUT.cache.jsonl)")
+    search.add_argument(
+        "--max-evaluations", type=int, default=None, help="stop after N new points (resume later)"
+    )
+    search.add_argument("--out", required=True, help="plan JSON (search record and plot beside it)")
+    search.set_defaults(run=cmd_search)
+
+    evaluate = commands.add_parser(
+        "eval", help="accuracy and skip ratios, with or without a plan", formatter_class=HELP
+    )
+    _add_model(evaluate)
+    _add_data(evaluate, "test", None, 64)
+    evaluate.add_argument("--plan", default=None, help="plan JSON (default: the unskipped model)")
+    evaluate.add_argument("--out", default=None, help="report JSON")
+    _add_cpu_paths(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the bundled model", formatter_class=HELP)
+    _add_model(demo)
+    demo.add_argument("--targets", type=_targets, default=[0.75, 0.88], help="comma-separated skip ratios")
+    _add_target_of(demo)
+    demo.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
+    demo.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
+    demo.add_argument("--grid-size", type=int, default=24, help="D, thresholds per modality")
+    demo.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
+    demo.add_argument(
+        "--out-dir", default="runs/demo", help="where importance, plans, plots and demo.json go"
+    )
+    demo.set_defaults(run=cmd_demo)
+
+    bench = commands.add_parser(
+        "bench", help="prefill latency and decode tokens/s, with and without a plan", formatter_class=HELP
+    )
+    _add_model(bench)
+    bench.add_argument(
+        "--shape",
+        default=None,
+        choices=["qwen3-vl-30b-a3b"],
+        help="random-weight model with real layer shapes",
+    )
+    bench.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape model")
+    bench.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of the --shape model"
     )
-    bench_parser.add_argument("--plan", default=None, help="plan JSON (default: k-reduction at --skip-ratio)")
-    bench_parser.add_argument("--skip-ratio", type=float, default=0.88)
-    bench_parser.add_argument("--batch", type=int, default=1)
-    bench_parser.add_argument("--prompt-tokens", type=int, default=512)
-    bench_parser.add_argument("--new-tokens", type=int, default=16)
-    bench_parser.add_argument("--repeats", type=int, default=5)
-    _add_cpu_paths(bench_parser)
-    bench_parser.add_argument(
+    bench.add_argument("--plan", default=None, help="plan JSON (default: k-reduction at --skip-ratio)")
+    bench.add_argument("--skip-ratio", type=_target, default=0.88, help="k-reduction's ratio when no --plan")
+    bench.add_argument("--batch", type=int, default=1, help="prompts per call")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt")
+    bench.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
+    bench.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
+    _add_cpu_paths(bench)
+    bench.add_argument(
         "--system-malloc",
         action="store_true",
         help="keep glibc's default allocator, which frees large temporaries back to the kernel, so "
         "every prefill pays page faults for them (by default the process keeps freed memory)",
     )
-    bench_parser.add_argument("--out", default=None)
-    bench_parser.set_defaults(run=cmd_bench)
+    bench.add_argument("--out", default=None, help="report JSON")
+    bench.set_defaults(run=cmd_bench)
 
-    from modes.evaluation.compare import METHODS
-
-    compare_parser = commands.add_parser("compare", help="MoDES, ablations and baselines at matched ratios")
-    _add_model(compare_parser)
-    compare_parser.add_argument(
-        "--targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.63, 0.75, 0.88]
+    compare = commands.add_parser(
+        "compare", help="MoDES, ablations and baselines at matched ratios", formatter_class=HELP
     )
-    compare_parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    compare_parser.add_argument("--calibration-samples", type=int, default=256)
-    compare_parser.add_argument("--test-samples", type=int, default=None)
-    compare_parser.add_argument("--grid-size", type=int, default=24)
-    compare_parser.add_argument("--alpha-mode", choices=["per_modality", "shared"], default="per_modality")
-    compare_parser.add_argument("--batch-size", type=int, default=32)
-    compare_parser.add_argument(
-        "--out", default="runs/compare/compare.json", help="JSON (Markdown and PNG beside it)"
+    _add_model(compare)
+    compare.add_argument(
+        "--targets", type=_targets, default=[0.63, 0.75, 0.88], help="comma-separated skip ratios"
     )
-    _add_of_skippable(compare_parser)
-    compare_parser.set_defaults(run=cmd_compare)
+    _add_target_of(compare)
+    compare.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["modes", "dmt", "gmlg", "local", "naee", "mc_moe", "diep", "k_reduction"],
+        help="comma-separated methods",
+    )
+    compare.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
+    compare.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
+    compare.add_argument("--grid-size", type=int, default=24, help="D, thresholds per modality")
+    compare.add_argument(
+        "--alpha-mode", choices=["per_modality", "shared"], default="per_modality", help="calibration mode"
+    )
+    compare.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
+    compare.add_argument(
+        "--out", default="runs/compare/compare.json", help="JSON (Markdown, PNG and caches beside it)"
+    )
+    compare.set_defaults(run=cmd_compare)
     return parser
 
 
@@ -486,13 +547,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (PlanError, DataFileError, TargetUnreachableError, FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume_hint", None)
+        print(f"\nmodes {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.debug or not _is_user_error(error):
+            raise
         print(f"modes {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except SearchBudgetError as error:
-        print(f"modes {args.command}: stopped: {error}", file=sys.stderr)
-        return 3
+        return EXIT_STOPPED if type(error).__name__ == "SearchBudgetError" else EXIT_USER_ERROR
     return 0
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors that name a user's mistake and its fix (bad files, options, unreachable targets)."""
+    from modes.adapters.registry import UnsupportedModelError
+    from modes.data.samples import DataFileError
+    from modes.errors import PlanError
+    from modes.search.frontier import SearchBudgetError, TargetUnreachableError
+
+    known = (
+        UserError,
+        PlanError,
+        DataFileError,
+        TargetUnreachableError,
+        SearchBudgetError,
+        UnsupportedModelError,
+    )
+    return isinstance(error, (*known, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

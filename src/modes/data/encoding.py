@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from modes.bundled.benchmark import Sample
+from modes.data.sample import Sample
 
 __all__ = ["EmptyAnswerError", "answer_logit_mask", "encode_prompts", "encode_teacher_forced", "prompt_text"]
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from modes.bundled.benchmark import Sample, generate_split
+from modes.data.benchmark import generate_split
+from modes.data.sample import Sample
 
 __all__ = ["Columns", "DataFileError", "export_samples", "load_samples"]
 
@@ -49,18 +50,25 @@ def load_samples(
     path = Path(source)
     if not path.exists():
         raise DataFileError(f"data source {path} does not exist")
-    rows = _rows(path, split)
     samples = []
-    for index, row in enumerate(rows):
+    for index, (place, row) in enumerate(_rows(path, split)):
         if limit is not None and index >= limit:
             break
-        samples.append(_sample(row, index, path, columns or Columns()))
+        samples.append(_sample(row, index, f"{path} {place}", path, columns or Columns()))
     if not samples:
         raise DataFileError(f"{path} holds no samples")
     return samples
 
 
-def _rows(path: Path, split: str) -> Iterable[dict[str, Any]]:
+def _rows(path: Path, split: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs, ``where`` 1-based as an editor counts: "line 4" of a JSONL file,
+    "row 4" of a table."""
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        return _jsonl_rows(path)
+    return ((f"row {number}", row) for number, row in enumerate(_table_rows(path, split), start=1))
+
+
+def _table_rows(path: Path, split: str) -> Iterable[dict[str, Any]]:
     if path.is_dir():
         import datasets
 
@@ -70,8 +78,6 @@ def _rows(path: Path, split: str) -> Iterable[dict[str, Any]]:
                 raise DataFileError(f"{path} has splits {list(data)}, not {split!r}; pass --split")
             data = data[split]
         return iter(data)
-    if path.suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path)
     if path.suffix == ".parquet":
         import datasets
 
@@ -81,26 +87,27 @@ def _rows(path: Path, split: str) -> Iterable[dict[str, Any]]:
     )
 
 
-def _jsonl_rows(path: Path) -> Iterable[dict[str, Any]]:
+def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
     with path.open() as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield f"line {number}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataFileError(f"{path} line {number}: not valid JSON ({error.msg})") from error
 
 
-def _sample(row: dict[str, Any], index: int, path: Path, columns: Columns) -> Sample:
-    where = f"{path} row {index}"
+def _sample(row: dict[str, Any], index: int, where: str, path: Path, columns: Columns) -> Sample:
     if not isinstance(row, dict):
         raise DataFileError(f"{where}: expected an object with question and answer, got {type(row).__name__}")
-    for name in (columns.question, columns.answer):
+    for field in ("question", "answer"):
+        name = getattr(columns, field)
         value = row.get(name)
         if not isinstance(value, (str, int, float)) or not str(value).strip():
             raise DataFileError(
-                f"{where}: column {name!r} is missing or empty (map it with the column options)"
+                f"{where}: column {name!r} is missing or empty; if the {field}s are in another column, "
+                f"name it with --{field}-column (columns here: {sorted(row)})"
             )
     return Sample(
         id=str(row.get(columns.id, f"row{index}")),

@@ -1,14 +1,34 @@
 """The skipping engine: patch a transformers MoE model so skipped routed experts cost nothing."""
 
-from modes.engine.patch import apply, is_patched, model_info, remove, reset_stats, skip_stats
-from modes.engine.rule import SkipRule, ThresholdRule
+from modes.engine.info import ModelInfo
+from modes.engine.options import ApplyOptions
+from modes.engine.patch import (
+    Plan,
+    applied,
+    apply,
+    decoder_layers,
+    is_patched,
+    model_info,
+    moe_sites,
+    remove,
+    reset_stats,
+    skip_stats,
+)
+from modes.engine.rules import Routing, SkipRule, ThresholdRule
 
 __all__ = [
+    "ApplyOptions",
+    "ModelInfo",
+    "Plan",
+    "Routing",
     "SkipRule",
     "ThresholdRule",
+    "applied",
     "apply",
+    "decoder_layers",
     "is_patched",
     "model_info",
+    "moe_sites",
     "remove",
     "reset_stats",
     "skip_stats",

@@ -4,7 +4,7 @@ Where skipping leaves each expert a few rows (decode, and prefill at high skip r
 expert loop's projections run as one call of `modes.engine.kernels.grouped_rows_linear` per
 projection, over every expert hit, on the module's own weights; beyond the row counts it was
 measured at, the module's own grouped kernel runs them. Opt-in
-(``modes.apply(..., cpu_kernel=True)``): the kernel is compiled for the CPU at first use.
+(``options=ApplyOptions(execution="compiled")``): the kernel is compiled for the CPU at first use.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ class CompiledExperts:
 
 def _check_compilable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot run on the kernel, and what to do instead."""
-    fix = "apply without cpu_kernel=True"
-    parameter = check_cpu_experts(experts, "cpu_kernel")
+    fix = "apply with execution='default'"
+    parameter = check_cpu_experts(experts, "execution='compiled'")
     if experts.is_transposed:  # a broadcast-FMA variant for [in, out] measured slower than packed
         raise ValueError(
             f"cpu_kernel needs expert weights stored [out, in]; {type(experts).__name__} stores them "
-            f"[in, out]: use pack_weights=True, or {fix}"
+            f"[in, out]: use execution='packed', or {fix}"
         )
     try:
         dtypes = kernel_dtypes()
@@ -66,9 +66,9 @@ def _check_compilable(experts: nn.Module) -> None:
         raise ValueError(f"{error}: {fix}") from error
     if parameter.dtype not in dtypes:
         names = " and ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"cpu_kernel runs {names} on this CPU, not {parameter.dtype}: {fix}")
+        raise ValueError(f"execution='compiled' runs {names} on this CPU, not {parameter.dtype}: {fix}")
     if not all(getattr(experts, name).is_contiguous() for name in _projections(experts)):
-        raise ValueError(f"cpu_kernel needs contiguous expert weights: {fix}")
+        raise ValueError(f"execution='compiled' needs contiguous expert weights: {fix}")
 
 
 def _projections(experts: nn.Module) -> tuple[str, str]:

@@ -7,22 +7,24 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   so skipped rows are never gathered, multiplied or scattered, and no sentinel row (with its
   uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
-  unchanged (no overhead, bit-identical). On CPU, a call left with fewer kept rows than
-  experts (decode) runs a loop over the experts hit instead (`run_expert_loop`), which sends
-  a single bf16 row through ATen's GEMV rather than oneDNN. A `CpuPath` made at `apply`
-  (opt-in) runs that loop's projections faster, whatever the implementation: expert weights
-  packed for oneDNN (`PackedExperts`), or modes' compiled kernel (`CompiledExperts`).
+  unchanged (no overhead, bit-identical). A `CpuPath` decides which calls run a loop over
+  just the experts hit instead (`run_expert_loop`) and how that loop projects: by default
+  (`PlainLoop`) calls on CPU left with fewer kept rows than experts (decode), on the module's
+  weights; opt-in, expert weights packed for oneDNN (`PackedExperts`) or modes' compiled kernel
+  (`CompiledExperts`), whatever the implementation.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
   sentinel index; no saving).
+
+The choice is made once per experts module, when the model is patched (`choose_runner`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -30,7 +32,10 @@ from torch import nn
 
 __all__ = [
     "CpuPath",
+    "ExpertsRunner",
+    "PlainLoop",
     "check_cpu_experts",
+    "choose_runner",
     "is_experts_module",
     "project_each_expert",
     "run_compacted",
@@ -73,7 +78,7 @@ class CpuPath(Protocol):
 def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
     """What both CPU paths need: raise a ValueError naming the fix unless ``experts`` is one of
     transformers' experts modules (`is_experts_module`) on CPU; else its first parameter."""
-    fix = f"apply without {option}=True"
+    fix = "apply with execution='default'"
     if not is_experts_module(experts):
         raise ValueError(
             f"{option} needs experts described by transformers' use_experts_implementation; "
@@ -85,6 +90,23 @@ def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
     return parameter
 
 
+class PlainLoop:
+    """The expert loop on the module's own weights, for CPU calls left with fewer kept rows than
+    experts (decode): grouped kernels visit every expert there, even empty ones, while the loop
+    visits only the experts hit."""
+
+    def usable_for(self, experts: nn.Module, hidden: torch.Tensor) -> bool:
+        return hidden.device.type == "cpu"
+
+    def runs_loop(self, kept: int, num_experts: int) -> bool:
+        return kept <= num_experts
+
+    def project_runs(
+        self, experts: nn.Module, rows: torch.Tensor, name: str, runs: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        return project_each_expert(experts, rows, name, runs)
+
+
 def run_compacted(
     experts: nn.Module,
     hidden: torch.Tensor,
@@ -92,7 +114,16 @@ def run_compacted(
     weights: torch.Tensor,
     skip: torch.Tensor,
     cpu_path: CpuPath | None = None,
+    fallback: ExpertsRunner | None = None,
 ) -> torch.Tensor:
+    """The kept slots through the module's own kernel as one ``k = 1`` call, or through the
+    expert loop where ``cpu_path`` (default `PlainLoop`) takes the call. Where ``cpu_path`` no
+    longer holds (weights changed, another device), ``fallback`` runs the call if given."""
+    cpu_path = cpu_path or PlainLoop()
+    if not cpu_path.usable_for(experts, hidden):
+        if fallback is not None:
+            return fallback(experts, hidden, index, weights, skip)
+        cpu_path = None
     num_tokens, top_k = index.shape
     kept = (~skip).reshape(-1).nonzero().squeeze(1)  # [N] flat slot ids, N = kept slots
     if kept.numel() == num_tokens * top_k:  # nothing skipped: the module itself, no gather
@@ -101,8 +132,6 @@ def run_compacted(
         return torch.zeros_like(hidden)
     if cpu_path is not None and cpu_path.runs_loop(kept.numel(), experts.num_experts):
         return run_expert_loop(experts, hidden, index, weights, kept, cpu_path)
-    if cpu_path is None and _loop_is_cheaper(experts, hidden, kept.numel()):
-        return run_expert_loop(experts, hidden, index, weights, kept)
     tokens = kept // top_k  # [N]
     rows = experts(
         hidden[tokens],  # [N, H]
@@ -110,14 +139,6 @@ def run_compacted(
         weights.reshape(-1)[kept].unsqueeze(1),  # [N, 1]
     )  # [N, H], already weighted
     return _sum_per_token(rows, tokens, hidden)
-
-
-def _loop_is_cheaper(experts: nn.Module, hidden: torch.Tensor, kept: int) -> bool:
-    """On CPU, when skipping left fewer rows than experts (decode): grouped kernels there
-    visit every expert, even empty ones (about 10 us each), while the loop visits only the
-    experts hit, with fewer small ops per expert than the families' eager loops. (``hidden``
-    is on the experts' device; asking it is cheaper than walking the module's parameters.)"""
-    return hidden.device.type == "cpu" and is_experts_module(experts) and kept <= experts.num_experts
 
 
 def run_expert_loop(
@@ -131,12 +152,13 @@ def run_expert_loop(
     """The kept slots ``kept`` [N] (flat ids into [T, k]) through the experts they route to,
     grouped by expert: the same math as transformers' grouped kernel, for any experts module
     described by ``use_experts_implementation`` (layout, bias, gate and norm flags), its
-    projections one expert at a time on the module's weights, or by ``cpu_path``.
+    projections by ``cpu_path`` (default: one expert at a time on the module's weights).
 
     Each small op counts when rows are few (decode): when every token keeps exactly one slot
     there is nothing to sum, so its weighted row is its output.
     """
     num_tokens = index.shape[0]
+    cpu_path = cpu_path or PlainLoop()
     if not kept.numel():  # every slot skipped
         return torch.zeros_like(hidden)
     groups = _group_by_expert(index, kept, few=kept.numel() <= experts.num_experts)
@@ -204,27 +226,6 @@ def _group_on_host(index: torch.Tensor, kept: torch.Tensor) -> _ExpertGroups:
     return _ExpertGroups(slots, tokens, row_experts, runs, token_ids)
 
 
-def _prefers_atens_gemv(experts: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether a single row should go through ATen's own bf16 GEMV (row . weight rows): for bf16
-    experts stored [out, in] it streams the weights near memory bandwidth, about twice as fast as
-    oneDNN's M = 1 GEMM, packed or not (measured in BENCHMARKS.md). Two or more rows, and
-    weights stored [in, out] (ATen's path is 8x slower there), stay with oneDNN."""
-    onednn_in_use = torch.backends.mkldnn.enabled and not torch.backends.flags_frozen()
-    return dtype == torch.bfloat16 and not experts.is_transposed and onednn_in_use
-
-
-@contextlib.contextmanager
-def _onednn_disabled() -> Iterator[None]:
-    """oneDNN off for one expert, so matmul takes ATen's kernels. The switch is process-wide: a
-    bf16 matmul of another thread in that window takes ATen's path too (same result up to
-    rounding)."""
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
-
-
 def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """Weighted expert outputs ``rows`` [N, H] of tokens ``tokens`` [N] summed per token in
     fp32, as transformers' reduction does, into ``hidden``'s shape [T, H] and dtype; a [T, H]
@@ -234,13 +235,10 @@ def _sum_per_token(rows: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tenso
 
 
 def _project_runs(
-    experts: nn.Module, rows: torch.Tensor, name: str, groups: _ExpertGroups, cpu_path: CpuPath | None
+    experts: nn.Module, rows: torch.Tensor, name: str, groups: _ExpertGroups, cpu_path: CpuPath
 ) -> torch.Tensor:
     """``rows`` [N, in], grouped by expert, through their experts' projection ``name`` -> [N, out]."""
-    if cpu_path is not None:
-        out = cpu_path.project_runs(experts, rows, name, groups.runs)
-    else:
-        out = project_each_expert(experts, rows, name, groups.runs)
+    out = cpu_path.project_runs(experts, rows, name, groups.runs)
     return out + getattr(experts, f"{name}_bias")[groups.row_experts] if experts.has_bias else out
 
 
@@ -255,14 +253,15 @@ def project_each_expert(
     projection ``name`` -> [N, out], no bias: by ``linear(name, expert, rows)`` when given (packed
     weights), else on the module's weights. Only the GEMMs go expert by expert: the gate,
     activation and norm then run once over all rows, as in transformers' grouped kernel, not
-    once per expert (hundreds of small ops per prefill call)."""
+    once per expert (hundreds of small ops per prefill call). A single bf16 row through weights
+    stored [out, in] takes ATen's GEMV (`_gemv`), packed weights or not: faster than oneDNN's
+    one-row GEMM (BENCHMARKS.md)."""
     outputs, start = [], 0
-    single_rows_to_gemv = _prefers_atens_gemv(experts, rows.dtype)  # asked once: about 8 us
+    single_rows_to_gemv = rows.dtype == torch.bfloat16 and not experts.is_transposed
     for expert, count in runs:
         run_rows = rows[start : start + count]  # [count, in]
         if count == 1 and single_rows_to_gemv:
-            with _onednn_disabled():
-                outputs.append(_project(experts, run_rows, name, expert, None))
+            outputs.append(_gemv(experts, run_rows, name, expert))
         else:
             outputs.append(_project(experts, run_rows, name, expert, linear))
         start += count
@@ -282,6 +281,11 @@ def _project(
     return rows @ weight if experts.is_transposed else torch.nn.functional.linear(rows, weight)
 
 
+def _gemv(experts: nn.Module, row: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+    """One row [1, in] times expert ``expert``'s [out, in] weight ``name`` -> [1, out]."""
+    return torch.mv(getattr(experts, name)[expert], row[0]).unsqueeze(0)
+
+
 def run_with_sentinels(
     experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor
 ) -> torch.Tensor:
@@ -294,6 +298,33 @@ def run_masked(
     return experts(hidden, index, weights.masked_fill(skip, 0))
 
 
+class ExpertsRunner(Protocol):
+    def __call__(
+        self,
+        experts: nn.Module,
+        hidden: torch.Tensor,
+        index: torch.Tensor,
+        weights: torch.Tensor,
+        skip: torch.Tensor,
+    ) -> torch.Tensor:
+        """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots."""
+        ...
+
+
+def choose_runner(
+    experts: nn.Module, eager_accepts_sentinel: bool = True, cpu_path: CpuPath | None = None
+) -> ExpertsRunner:
+    """How calls of ``experts`` run skipped slots, from its implementation and the CPU path asked
+    for: the one place the execution strategy is decided (once, when the model is patched; apply
+    again after `set_experts_implementation`)."""
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager")
+    if implementation in (None, "eager"):
+        own: ExpertsRunner = run_with_sentinels if eager_accepts_sentinel else run_masked
+    else:
+        own = functools.partial(run_compacted, cpu_path=PlainLoop())
+    return own if cpu_path is None else functools.partial(run_compacted, cpu_path=cpu_path, fallback=own)
+
+
 def run_experts(
     experts: nn.Module,
     hidden: torch.Tensor,
@@ -303,12 +334,6 @@ def run_experts(
     eager_accepts_sentinel: bool = True,
     cpu_path: CpuPath | None = None,
 ) -> torch.Tensor:
-    """``hidden`` [T, H], ``index``/``weights``/``skip`` [T, k] -> [T, H] without skipped slots,
-    by ``cpu_path`` whatever the module's implementation, when it still holds."""
-    if cpu_path is not None and cpu_path.usable_for(experts, hidden):
-        return run_compacted(experts, hidden, index, weights, skip, cpu_path)
-    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", "eager")
-    if implementation in (None, "eager"):
-        runner = run_with_sentinels if eager_accepts_sentinel else run_masked
-        return runner(experts, hidden, index, weights, skip)
-    return run_compacted(experts, hidden, index, weights, skip)
+    """One call the way `choose_runner` would run it: ``hidden`` [T, H], ``index``/``weights``/
+    ``skip`` [T, k] -> [T, H] without skipped slots."""
+    return choose_runner(experts, eager_accepts_sentinel, cpu_path)(experts, hidden, index, weights, skip)

@@ -5,7 +5,7 @@ GEMM of a few rows streams the weights at a fraction of what the memory delivers
 expert's weights once, when the model is patched, removes that reorder, with oneDNN's own
 results (bit-identical in bf16 in our checks): see BENCHMARKS.md for what it gains at high skip
 ratios on CPU. The price is a second copy of every routed expert's weights, so it is opt-in
-(``modes.apply(..., pack_weights=True)``). (Under glibc's default allocator, page faults for
+(``options=ApplyOptions(execution="packed")``). (Under glibc's default allocator, page faults for
 other calls' temporaries grew dearer while those copies were resident; keeping freed memory,
 `modes.evaluation.allocator`, removes both.)
 """
@@ -81,11 +81,15 @@ def _pack(experts: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 def _check_packable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot be packed, and what to do instead."""
-    fix = "apply without pack_weights=True"
-    parameter = check_cpu_experts(experts, "pack_weights")
+    fix = "apply with execution='default'"
+    parameter = check_cpu_experts(experts, "execution='packed'")
     if parameter.dtype not in PACKABLE_DTYPES:
-        raise ValueError(f"pack_weights supports bfloat16 and float32 experts, not {parameter.dtype}: {fix}")
+        raise ValueError(
+            f"execution='packed' supports bfloat16 and float32 experts, not {parameter.dtype}: {fix}"
+        )
     if not torch.backends.mkldnn.is_available():
-        raise ValueError(f"pack_weights needs PyTorch built with oneDNN (mkldnn): {fix}")
+        raise ValueError(f"execution='packed' needs PyTorch built with oneDNN (mkldnn): {fix}")
     if parameter.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError(f"this CPU has no bf16 support in oneDNN for pack_weights: {fix}, or use float32")
+        raise ValueError(
+            f"this CPU has no bf16 support in oneDNN for execution='packed': {fix}, or use float32"
+        )

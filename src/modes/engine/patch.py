@@ -1,11 +1,17 @@
-"""`apply`, `remove`, `skip_stats`, `reset_stats`: the public verbs of the skipping engine."""
+"""`apply`, `applied`, `remove`, `skip_stats`, `reset_stats`: the public verbs of the skipping engine.
+
+The engine takes any plan that names a rule per MoE layer (`Plan`): `modes.SkipPlan`, or an
+internal one such as calibration's knockout. It imports no plan format, so plans, policies and
+everything above them depend on it, never the reverse.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -13,16 +19,17 @@ from torch import nn
 from modes.adapters.registry import ModelSpec, UnsupportedModelError, spec_for
 from modes.engine.attention import AttentionProbe
 from modes.engine.execute import is_experts_module
-from modes.engine.policies import rule_for
-from modes.engine.rule import SkipRule
+from modes.engine.info import ModelInfo
+from modes.engine.options import ApplyOptions
+from modes.engine.rules import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
 from modes.engine.wrappers import SkippingDenseRouter, SkippingExperts, _Skipping
-from modes.plan import ModelInfo, SkipPlan
 
 __all__ = [
+    "Plan",
+    "applied",
     "apply",
     "decoder_layers",
-    "find_moe_sites",
     "is_patched",
     "model_info",
     "moe_sites",
@@ -35,7 +42,20 @@ _ATTR = "_modes_patch"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "top_k", "experts_per_token")
 
-RuleFactory = Callable[[int], SkipRule]
+
+class Plan(Protocol):
+    """What the engine needs of a plan (`modes.SkipPlan` is one)."""
+
+    special_token_ids: tuple[int, ...] | None  # never skipped, unless the caller names others
+    renormalize: bool
+
+    def rule(self, layer: int) -> SkipRule:
+        """The rule of MoE layer ``layer``."""
+        ...
+
+    def check_fits(self, info: ModelInfo) -> None:
+        """Raise unless the plan was made for a model like ``info``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +79,7 @@ class _Patch:
     wrappers: list[_Skipping]
     hooks: list[Any]
     context: TokenContext
-    plan: SkipPlan | None
+    plan: Plan
     probe: AttentionProbe | None = None
 
 
@@ -67,7 +87,7 @@ def _is_dense_router(module: nn.Module) -> bool:
     return hasattr(module, "top_k") and hasattr(module, "num_experts") and isinstance(module, nn.Linear)
 
 
-def find_moe_sites(model: nn.Module, spec: ModelSpec) -> list[MoESite]:
+def _find_sites(model: nn.Module, spec: ModelSpec) -> list[MoESite]:
     """The experts modules (or dense routers) of the language model, with their layer index."""
     matches = _is_dense_router if spec.dense_router else is_experts_module
     sites = []
@@ -95,8 +115,7 @@ def _text_config(model: nn.Module) -> Any:
 
 def model_info(model: nn.Module) -> ModelInfo:
     """Model type, MoE layer indices, experts and top-k: what a plan must match."""
-    spec = spec_for(model.config.model_type)
-    sites = _sites_of(model, spec)
+    sites = moe_sites(model)
     text_config = _text_config(model)
     top_k = next((getattr(text_config, f) for f in TOP_K_FIELDS if getattr(text_config, f, None)), None)
     if top_k is None:
@@ -114,12 +133,8 @@ def model_info(model: nn.Module) -> ModelInfo:
 
 def moe_sites(model: nn.Module) -> list[MoESite]:
     """The MoE sites of ``model`` (those of its patch when patched)."""
-    return _sites_of(model, spec_for(model.config.model_type))
-
-
-def _sites_of(model: nn.Module, spec: ModelSpec) -> list[MoESite]:
     patch = getattr(model, _ATTR, None)
-    return patch.sites if patch is not None else find_moe_sites(model, spec)
+    return patch.sites if patch is not None else _find_sites(model, spec_for(model.config.model_type))
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -128,66 +143,41 @@ def is_patched(model: nn.Module) -> bool:
 
 def apply(
     model: nn.Module,
-    plan: SkipPlan | None = None,
+    plan: Plan,
     special_token_ids: Iterable[int] | None = None,
     *,
-    rule_factory: RuleFactory | None = None,
-    pack_weights: bool = False,
-    cpu_kernel: bool = False,
+    options: ApplyOptions | None = None,
+    processor: Any = None,
 ) -> nn.Module:
     """Patch ``model`` in place so that the slots ``plan`` skips are never computed.
 
-    ``special_token_ids`` (e.g. ``tokenizer.all_special_ids``) are never skipped; the config's
-    media start/end ids always count as special. ``rule_factory(layer)`` replaces the MoDES rule
-    (used by baselines); a plan is then optional. ``pack_weights`` (CPU, bf16 or fp32) keeps a
-    oneDNN-packed copy of every routed expert's weights, so calls that skip something run
-    faster at the cost of that much memory (`PackedExperts`); ``cpu_kernel`` (CPU with AVX-512,
-    bf16 or fp32, weights stored [out, in]) runs them on modes' compiled kernel instead, on the
-    module's own weights (`CompiledExperts`; compiled at first use). Applying again replaces
-    the previous patch.
+    Never-skipped ids come from ``special_token_ids``, else ``options.special_token_ids``, else
+    the plan's own (those it was searched with), else ``processor``'s tokenizer's special ids;
+    the config's media start/end ids always count as special. ``options`` (`ApplyOptions`)
+    also chooses how the kept slots run. Applying again replaces the previous patch; an error
+    leaves the model untouched.
     """
-    if plan is None and rule_factory is None:
-        raise ValueError("modes.apply needs a SkipPlan (or a rule_factory)")
+    options = options or ApplyOptions()
     spec = spec_for(model.config.model_type)
-    if pack_weights and cpu_kernel:
-        raise ValueError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
-    for option, asked in (("pack_weights", pack_weights), ("cpu_kernel", cpu_kernel)):
-        if asked and spec.dense_router:
-            raise ValueError(
-                f"{option} does not apply to {model.config.model_type}: its experts compute every "
-                f"expert (skipping there saves no compute); apply without {option}=True"
-            )
+    if options.execution != "default" and spec.dense_router:
+        raise ValueError(
+            f"execution={options.execution!r} does not apply to {model.config.model_type}: its experts "
+            "compute every expert (skipping there saves no compute); apply with execution='default'"
+        )
+    plan.check_fits(model_info(model))
     if is_patched(model):
         remove(model)
-    sites = find_moe_sites(model, spec)
-    if plan is not None:
-        plan.check_fits(model_info(model))
-        rule_factory = rule_factory or (lambda layer: rule_for(plan, layer))
-    context = TokenContext.for_model(model.config, spec, special_token_ids)
-    scale = _routed_scale(model, spec)
-    renormalize = bool(plan.renormalize) if plan is not None else False
-    wrappers = []  # built before any is installed, so an error leaves the model untouched
-    for site in sites:
-        common = dict(
-            layer=site.layer,
-            rule=rule_factory(site.layer),
-            context=context,
-            routed_scale=scale,
-            subset=site.subset,
-            renormalize=renormalize,
-        )
-        if spec.dense_router:
-            wrapper = SkippingDenseRouter(site.module, **common)
-        else:
-            wrapper = SkippingExperts(
-                site.module,
-                eager_accepts_sentinel=spec.eager_accepts_sentinel,
-                pack_weights=pack_weights,
-                cpu_kernel=cpu_kernel,
-                **common,
-            )
-        wrappers.append(wrapper)
-    for site, wrapper in zip(sites, wrappers, strict=True):
+    sites = _find_sites(model, spec)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    special = _first_given(
+        special_token_ids,
+        options.special_token_ids,
+        plan.special_token_ids,
+        getattr(tokenizer, "all_special_ids", None),
+    )
+    context = TokenContext.for_model(model.config, spec, special)
+    wrappers = [_wrap(site, plan, spec, context, _routed_scale(model, spec), options) for site in sites]
+    for site, wrapper in zip(sites, wrappers, strict=True):  # all built first: errors leave no trace
         setattr(site.parent, site.attr, wrapper)
     hooks = [
         model.register_forward_pre_hook(_context_hook(context), with_kwargs=True),
@@ -199,6 +189,48 @@ def apply(
         probe = AttentionProbe.attach({site.layer: layers[site.layer] for site in sites}, context)
     setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan, probe))
     return model
+
+
+@contextlib.contextmanager
+def applied(
+    model: nn.Module,
+    plan: Plan,
+    options: ApplyOptions | None = None,
+    special_token_ids: Iterable[int] | None = None,
+    *,
+    processor: Any = None,
+) -> Iterator[nn.Module]:
+    """`apply` for the block, then `remove`, even if the block fails."""
+    apply(model, plan, special_token_ids, options=options, processor=processor)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+def _first_given(*candidates: Iterable[int] | None) -> Iterable[int] | None:
+    return next((ids for ids in candidates if ids is not None), None)
+
+
+def _wrap(
+    site: MoESite, plan: Plan, spec: ModelSpec, context: TokenContext, scale: float, options: ApplyOptions
+) -> _Skipping:
+    common = dict(
+        layer=site.layer,
+        rule=plan.rule(site.layer),
+        context=context,
+        routed_scale=scale,
+        subset=site.subset,
+        renormalize=bool(plan.renormalize),
+    )
+    if spec.dense_router:
+        return SkippingDenseRouter(site.module, **common)
+    return SkippingExperts(
+        site.module,
+        eager_accepts_sentinel=spec.eager_accepts_sentinel,
+        cpu_path=options.cpu_path(site.module),
+        **common,
+    )
 
 
 def decoder_layers(model: nn.Module, moe_layer_names: list[str]) -> nn.ModuleList:
@@ -266,6 +298,9 @@ def reset_stats(model: nn.Module) -> None:
 def skip_stats(model: nn.Module) -> dict[str, Any]:
     """Skip ratio overall, per modality and per layer, with the slot counts behind each.
 
+    ``ratio`` is over all routed slots (algorithm.md section 3); ``skippable_ratio`` over the
+    slots of text and media tokens only (special tokens, never skipped, left out).
+
     Reads the on-device counters once (the only host sync).
     """
     per_layer_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -284,10 +319,13 @@ def skip_stats(model: nn.Module) -> dict[str, Any]:
         (t for _, t in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long)
     )
     skipped, total = int(by_bin_skipped.sum()), int(by_bin_total.sum())
+    skippable = total - int(by_bin_total[STAT_NAMES.index("other")])
     return {
         "ratio": _ratio(skipped, total),
+        "skippable_ratio": _ratio(skipped, skippable),
         "skipped_slots": skipped,
         "total_slots": total,
+        "skippable_slots": skippable,
         "per_modality": {
             name: {"ratio": _ratio(int(s), int(t)), "skipped_slots": int(s), "total_slots": int(t)}
             for name, s, t in zip(STAT_NAMES, by_bin_skipped, by_bin_total, strict=True)

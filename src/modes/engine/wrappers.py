@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modes.engine.compiled import CompiledExperts
-from modes.engine.execute import CpuPath, run_experts
-from modes.engine.packed import PackedExperts
-from modes.engine.rule import Routing, SkipRule
+from modes.engine.execute import CpuPath, choose_runner
+from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import NUM_CODES, CallTokens, TokenContext
 
 __all__ = ["SkippingDenseRouter", "SkippingExperts", "SlotCounter"]
@@ -88,34 +86,18 @@ class _Skipping(nn.Module):
 class SkippingExperts(_Skipping):
     """Wraps an experts module called as ``experts(hidden [T, H], index [T, k], weights [T, k])``."""
 
-    def __init__(
-        self,
-        *args,
-        eager_accepts_sentinel: bool = True,
-        pack_weights: bool = False,
-        cpu_kernel: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, *args, eager_accepts_sentinel: bool = True, cpu_path: CpuPath | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eager_accepts_sentinel = eager_accepts_sentinel
-        self.cpu_path = _cpu_path(self.base_layer, pack_weights, cpu_kernel)
+        self.cpu_path = cpu_path  # the opt-in CPU path, if any (packed copies live here)
+        self.runner = choose_runner(self.base_layer, eager_accepts_sentinel, cpu_path)
 
     def forward(
         self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
     ) -> torch.Tensor:
         index, weights = _routing_arguments(routing, named)
         skip, weights = self.decide(hidden_states, index, weights)
-        return run_experts(
-            self.base_layer, hidden_states, index, weights, skip, self.eager_accepts_sentinel, self.cpu_path
-        )
-
-
-def _cpu_path(experts: nn.Module, pack_weights: bool, cpu_kernel: bool) -> CpuPath | None:
-    """The faster CPU execution asked for (one at most, `apply` checks): oneDNN-packed weight
-    copies, or modes' compiled kernel."""
-    if pack_weights:
-        return PackedExperts(experts)
-    return CompiledExperts(experts) if cpu_kernel else None
+        return self.runner(self.base_layer, hidden_states, index, weights, skip)
 
 
 class SkippingDenseRouter(_Skipping):

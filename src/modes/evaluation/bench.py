@@ -8,7 +8,7 @@ round after warm-up (median; the first, cold call would bias it), and bounds the
 speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
 
 The plan is applied anew for each of its rounds and removed before the unskipped model's, so
-the unskipped model never runs beside packed expert weights (``pack_weights``), as an unpatched
+the unskipped model never runs beside packed expert weights (``execution='packed'``), as an unpatched
 model would not. Packing again each round is not timed, but takes wall time.
 
 Minor page faults per prefill are reported: under glibc's default allocator a CPU prefill
@@ -24,13 +24,14 @@ import contextlib
 import inspect
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from modes.engine import patch as engine
+from modes import engine
+from modes.engine import ApplyOptions
 from modes.evaluation.allocator import minor_page_faults
 from modes.plan import SkipPlan
 
@@ -128,27 +129,17 @@ def bench(
     new_tokens: int = 16,
     repeats: int = 5,
     warmup: int = 1,
-    special_token_ids: list[int] | None = None,
-    pack_weights: bool = False,
-    cpu_kernel: bool = False,
+    options: ApplyOptions | None = None,
 ) -> dict[str, Any]:
     """Prefill seconds and cached decode tokens/s for ``input_ids`` [B, L], without and with
-    ``plan`` (applied with ``pack_weights`` or ``cpu_kernel``, see `modes.apply`)."""
+    ``plan`` (applied with ``options``, `modes.ApplyOptions`)."""
+    options = options or ApplyOptions()
     batch = input_ids.shape[0]
 
     def prefill() -> Any:
         return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
     cache_keyword = _cache_keyword(model)
-
-    @contextlib.contextmanager
-    def applied() -> Iterator[None]:
-        """The plan in place for the block, and removed after it even if a call fails."""
-        engine.apply(model, plan, special_token_ids, pack_weights=pack_weights, cpu_kernel=cpu_kernel)
-        try:
-            yield
-        finally:
-            engine.remove(model)
 
     def decode_step() -> float:
         """Median seconds of one cached decode step over ``new_tokens`` greedy steps."""
@@ -169,7 +160,9 @@ def bench(
         if round_number >= warmup:
             shares.append(_moe_share(model, prefill))
         for label in LABELS:
-            with applied() if label == "plan" else contextlib.nullcontext():  # anew: see the docstring
+            with (
+                engine.applied(model, plan, options) if label == "plan" else contextlib.nullcontext()
+            ):  # anew: see the docstring
                 faults, start = minor_page_faults(), time.perf_counter()
                 prefill()
                 prefill_s = time.perf_counter() - start
@@ -188,7 +181,7 @@ def bench(
             "decode_tokens_per_s": batch / step_s,
             "prefill_minor_page_faults": statistics.median(samples[label]["faults"]),
         }
-    with applied():
+    with engine.applied(model, plan, options):
         engine.reset_stats(model)
         prefill()
         rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
@@ -205,6 +198,5 @@ def bench(
         "batch": batch,
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": new_tokens,
-        "pack_weights": pack_weights,
-        "cpu_kernel": cpu_kernel,
+        "execution": options.execution,
     }

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from modes.bundled.benchmark import Sample
+from modes import engine
 from modes.data.encoding import encode_prompts
+from modes.data.sample import Sample, batches_by_kind
 from modes.data.samples import load_samples
-from modes.engine import patch as engine
+from modes.engine import ApplyOptions
 from modes.plan import SkipPlan
 
-__all__ = ["batches_by_kind", "evaluate", "generate_answers", "normalise_answer"]
+__all__ = ["evaluate", "generate_answers", "normalise_answer"]
 
 
 def normalise_answer(text: str) -> str:
     return " ".join(text.lower().replace(".", " ").split())
-
-
-def batches_by_kind(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Batches of samples that all have an image or all have none (less padding)."""
-    for has_image in (True, False):
-        group = [s for s in samples if (s.image is not None) == has_image]
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -70,32 +65,26 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 4,
-    special_token_ids: Sequence[int] | None = None,
+    options: ApplyOptions | None = None,
     progress: bool = True,
-    pack_weights: bool = False,
-    cpu_kernel: bool = False,
 ) -> dict[str, Any]:
     """Accuracy overall and per skill; with a plan (or an already patched model), the skip ratios.
 
-    A ``plan`` is applied for the evaluation only (with ``pack_weights`` or ``cpu_kernel``, see
-    `modes.apply`) and removed afterwards.
+    A ``plan`` is applied with ``options`` (`modes.ApplyOptions`) for the evaluation only.
     """
     samples = list(samples if samples is not None else load_samples(split="test"))[:limit]
     if not samples:
         raise ValueError("no samples to evaluate")
-    applied_here = plan is not None
-    if applied_here:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        special = special_token_ids or tokenizer.all_special_ids
-        engine.apply(model, plan, special, pack_weights=pack_weights, cpu_kernel=cpu_kernel)
-    try:
+    patched = (
+        engine.applied(model, plan, options, processor=processor)
+        if plan is not None
+        else contextlib.nullcontext()
+    )
+    with patched:
         if engine.is_patched(model):
             engine.reset_stats(model)
         answers = generate_answers(model, processor, samples, batch_size, max_new_tokens, progress)
         stats = engine.skip_stats(model) if engine.is_patched(model) else None
-    finally:
-        if applied_here:
-            engine.remove(model)
     return _report(samples, answers, stats)
 
 
@@ -104,11 +93,14 @@ def _report(samples: Sequence[Sample], answers: dict[str, str], stats: dict | No
     for sample in samples:
         correct[sample.skill].append(normalise_answer(answers[sample.id]) == normalise_answer(sample.answer))
     hits = [hit for skill_hits in correct.values() for hit in skill_hits]
+    accuracy = sum(hits) / len(hits)
     return {
-        "accuracy": sum(hits) / len(hits),
+        "accuracy": accuracy,
+        "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / len(hits)),  # binomial standard error
         "per_skill": {skill: sum(h) / len(h) for skill, h in sorted(correct.items())},
         "samples": len(hits),
-        "skip_ratio": stats["ratio"] if stats else 0.0,
+        "skip_ratio": stats["ratio"] if stats else 0.0,  # of all slots
+        "skippable_ratio": stats["skippable_ratio"] if stats else 0.0,  # of the text / media slots
         "per_modality": {m: v["ratio"] for m, v in stats["per_modality"].items()} if stats else {},
         "skip_stats": stats,
         "answers": answers,

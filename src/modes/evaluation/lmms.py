@@ -21,8 +21,10 @@ import torch
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from modes.bundled.benchmark import Sample
-from modes.engine import patch as engine
+from modes import engine
+from modes.data.sample import Sample
+from modes.engine import ApplyOptions
+from modes.engine.options import execution_of
 from modes.evaluation.evaluate import generate_answers
 from modes.loading import load_model
 from modes.plan import SkipPlan
@@ -62,17 +64,15 @@ class ModesLMM(lmms):
             )
         if dtype not in _DTYPES:
             raise ValueError(f"modes: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        cpu_paths = {
-            "pack_weights": _flag("pack_weights", pack_weights),
-            "cpu_kernel": _flag("cpu_kernel", cpu_kernel),
-        }
+        options = ApplyOptions(
+            execution=execution_of(_flag("pack_weights", pack_weights), _flag("cpu_kernel", cpu_kernel))
+        )
         self.model, self.processor = load_model(pretrained, dtype=_DTYPES[dtype])
         if device:
             self.model.to(device)
         self.plan = SkipPlan.load(plan) if plan else None
         if self.plan is not None:
-            special_ids = self.processor.tokenizer.all_special_ids
-            engine.apply(self.model, self.plan, special_ids, **cpu_paths)
+            engine.apply(self.model, self.plan, options=options, processor=self.processor)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 

@@ -20,10 +20,10 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from modes.bundled.benchmark import Sample
+from modes import engine
 from modes.calibration.importance import Importance
 from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
-from modes.engine import patch as engine
+from modes.data.sample import Sample
 from modes.plan import SkipPlan
 from modes.search.grid import GridSpec
 
@@ -34,6 +34,7 @@ __all__ = [
     "TargetUnreachableError",
     "frontier_walk",
     "search",
+    "unreachable_message",
 ]
 
 Index = tuple[int, ...]  # 0-based grid position per searched modality
@@ -47,15 +48,30 @@ class SearchBudgetError(RuntimeError):
     """The evaluation budget ran out; rerun with the same cache to resume."""
 
 
+TargetOf = Literal["skippable", "all"]
+TARGET_OF: tuple[str, ...] = ("skippable", "all")
+
+
 @dataclass(frozen=True)
 class SearchPoint:
     index: Index
     thresholds: dict[str, float]
     f: float  # mean KL(p_orig || p_skip) over calibration answer tokens
-    g: float  # skip ratio over all non-padding calibration tokens
+    g: float  # skip ratio over all routed slots of non-padding calibration tokens (algorithm.md 3)
+    g_skippable: float | None = None  # the same over the skippable (non-special) tokens' slots
+
+    def ratio(self, of: TargetOf) -> float:
+        """The skip ratio a target ``of`` the skippable or of all slots is compared with."""
+        return self.g if of == "all" else self.g_skippable
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": list(self.index), "thresholds": self.thresholds, "f": self.f, "g": self.g}
+        return {
+            "index": list(self.index),
+            "thresholds": self.thresholds,
+            "f": self.f,
+            "g": self.g,
+            "g_skippable": self.g_skippable,
+        }
 
 
 @dataclass
@@ -79,8 +95,15 @@ class SearchResult:
 
 
 # -- the walks, on an abstract evaluate(index) -> SearchPoint ----------------------------------
+def _all_slots(point: SearchPoint) -> float:
+    return point.g
+
+
+Ratio = Callable[[SearchPoint], float]
+
+
 def frontier_walk(
-    evaluate: Callable[[Index], SearchPoint], size: int, target: float
+    evaluate: Callable[[Index], SearchPoint], size: int, target: float, ratio: Ratio = _all_slots
 ) -> tuple[SearchPoint, list[SearchPoint]]:
     """Two modalities. For each q, lower p while g(q, p) >= rho; record (q, p + 1) when p moved.
 
@@ -94,7 +117,7 @@ def frontier_walk(
         moved = None
         while p >= 0:
             point = evaluate((q, p))
-            if point.g < target:
+            if ratio(point) < target:
                 last_failed = point
                 break
             moved, p = point, p - 1
@@ -103,22 +126,22 @@ def frontier_walk(
         if p < 0:
             break
     if not frontier:
-        raise TargetUnreachableError(_unreachable(target, last_failed))
+        raise TargetUnreachableError(_unreachable(target, last_failed, ratio))
     return min(frontier, key=lambda point: point.f), frontier
 
 
 def scan_one(
-    evaluate: Callable[[Index], SearchPoint], size: int, target: float
+    evaluate: Callable[[Index], SearchPoint], size: int, target: float, ratio: Ratio = _all_slots
 ) -> tuple[SearchPoint, list[SearchPoint]]:
     """One modality: the smallest tau with g >= rho, by bisection (g is monotone)."""
     top = evaluate((size - 1,))
-    if top.g < target:
-        raise TargetUnreachableError(_unreachable(target, top))
+    if ratio(top) < target:
+        raise TargetUnreachableError(_unreachable(target, top, ratio))
     low, high, best = 0, size - 1, top
     while low < high:
         middle = (low + high) // 2
         point = evaluate((middle,))
-        if point.g >= target:
+        if ratio(point) >= target:
             high, best = middle, point
         else:
             low = middle + 1
@@ -126,23 +149,42 @@ def scan_one(
 
 
 def exhaustive(
-    evaluate: Callable[[Index], SearchPoint], size: int, target: float, dims: int
+    evaluate: Callable[[Index], SearchPoint], size: int, target: float, dims: int, ratio: Ratio = _all_slots
 ) -> tuple[SearchPoint, list[SearchPoint]]:
     indices = [()]
     for _ in range(dims):
         indices = [(*i, j) for i in indices for j in range(size)]
     points = [evaluate(i) for i in indices]
-    feasible = [p for p in points if p.g >= target]
+    feasible = [p for p in points if ratio(p) >= target]
     if not feasible:
-        raise TargetUnreachableError(_unreachable(target, max(points, key=lambda p: p.g)))
-    return min(feasible, key=lambda p: (p.f, -p.g)), feasible
+        raise TargetUnreachableError(_unreachable(target, max(points, key=ratio), ratio))
+    return min(feasible, key=lambda p: (p.f, -ratio(p))), feasible
 
 
-def _unreachable(target: float, largest: SearchPoint | None) -> str:
-    reached = f"{largest.g:.4f} (thresholds {largest.thresholds})" if largest else "nothing"
+def _unreachable(target: float, largest: SearchPoint | None, ratio: Ratio = _all_slots) -> str:
+    reached = f"{ratio(largest):.4f} (thresholds {largest.thresholds})" if largest else "nothing"
     return (
         f"target skip ratio {target:.4f} is unreachable: the largest ratio this grid reaches is {reached}; "
         "lower --target or widen the grid (larger x_max or the linear mapping)"
+    )
+
+
+def unreachable_message(target: float, of: TargetOf, corner: SearchPoint) -> str:
+    """Why ``target`` cannot be reached when even the grid's largest thresholds (``corner``)
+    fall short, naming what caps it and the fix that helps."""
+    special_share = 1.0 - corner.g / corner.g_skippable if corner.g_skippable else 0.0
+    if of == "all" and corner.g_skippable >= 1.0 - 1e-9:
+        return (
+            f"target skip ratio {target:.4f} of all slots is unreachable: special tokens (chat markup, "
+            f"media start/end) hold {special_share:.1%} of the slots and are never skipped, so at most "
+            f"{corner.g:.4f} of all slots can be skipped on these samples; give a target of at most "
+            "that, or a target of the skippable slots (--target-of skippable, the default)"
+        )
+    return (
+        f"target skip ratio {target:.4f} of the {of} slots is unreachable with this grid: its largest "
+        f"thresholds {corner.thresholds} skip {corner.ratio(of):.4f} of them "
+        f"({corner.g_skippable:.4f} of the skippable slots, {corner.g:.4f} of all); widen the grid "
+        "(--grid-x-max auto makes the largest tau skip every skippable slot) or lower --target"
     )
 
 
@@ -173,7 +215,9 @@ class PointCache:
                 data = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by an interruption: that point is recomputed
-            point = SearchPoint(tuple(data["index"]), data["thresholds"], data["f"], data["g"])
+            point = SearchPoint(
+                tuple(data["index"]), data["thresholds"], data["f"], data["g"], data["g_skippable"]
+            )
             self.points[point.index] = point
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -200,18 +244,21 @@ class PointEvaluator:
         self.computed = 0
 
     @torch.no_grad()
-    def __call__(self, thresholds: dict[str, float]) -> tuple[float, float]:
+    def __call__(self, thresholds: dict[str, float]) -> tuple[float, float, float]:
+        """(f, g over all slots, g over the skippable slots)."""
         if self.budget is not None and self.computed >= self.budget:
             raise SearchBudgetError(f"evaluation budget of {self.budget} points used; rerun to resume")
-        plan = SkipPlan(importance=self.importance.alphas, thresholds=thresholds, model=self.importance.model)
-        engine.apply(self.model, plan, self.special_ids)
-        try:
+        plan = SkipPlan(
+            self.importance.alphas,
+            thresholds,
+            model=self.importance.model,
+            special_token_ids=self.special_ids,
+        )
+        with engine.applied(self.model, plan):
             kl = sum(float(answer_kl(self.model, batch)) for batch in self.batches)
-            ratio = engine.skip_stats(self.model)["ratio"]
-        finally:
-            engine.remove(self.model)
+            stats = engine.skip_stats(self.model)
         self.computed += 1
-        return kl / sum(b.answer_tokens for b in self.batches), ratio
+        return kl / sum(b.answer_tokens for b in self.batches), stats["ratio"], stats["skippable_ratio"]
 
 
 def search(
@@ -229,13 +276,22 @@ def search(
     special_token_ids: Sequence[int] | None = None,
     tied: bool = False,
     progress: bool = True,
+    target_of: TargetOf = "skippable",
 ) -> SearchResult:
     """Thresholds that reach skip ratio ``target`` on ``samples`` with the least answer KL.
 
-    ``tied=True`` searches one threshold shared by every modality (the single-tau ablations).
+    ``target_of``: ``"skippable"`` (default) reads the target as a share of the slots of
+    skippable tokens, like the paper's k' of k experts; ``"all"`` as a share of all slots,
+    special tokens (never skipped) included. The grid's largest thresholds are evaluated first,
+    so an unreachable target fails after one evaluation, naming what caps it. ``tied=True``
+    searches one threshold shared by every modality (the single-tau ablations). Points go to
+    ``cache`` as they are computed: a rerun resumes, and searches for other targets with the
+    same importance, samples and grid reuse them.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
+    if target_of not in TARGET_OF:
+        raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
     grid = grid or GridSpec()
     searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
@@ -243,13 +299,12 @@ def search(
     taus = {m: grid.taus(m) for m in searched}
     tokenizer = getattr(processor, "tokenizer", processor)
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
-    device = next(model.parameters()).device
-    batches = prepare_batches(processor, samples, batch_size, device)
+    fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
+    store = PointCache(cache, fingerprint)
+    batches = prepare_batches(processor, samples, batch_size, next(model.parameters()).device)
     with torch.no_grad():
         for batch in batches:
             batch.reference_logprobs = answer_logprobs(model, batch)
-    fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
-    store = PointCache(cache, fingerprint)
     measure = PointEvaluator(model, importance, batches, special_ids, max_evaluations)
     others = {m: 0.0 for m in importance.modalities if m not in searched}  # never skipped
 
@@ -258,26 +313,38 @@ def search(
             return dict.fromkeys(importance.modalities, taus["text"][index[0]])
         return {**others, **{m: taus[m][i] for m, i in zip(searched, index, strict=True)}}
 
-    bar = tqdm(desc=f"search ({method})", unit="point", disable=not progress)
+    most = {
+        "exhaustive": grid.size ** len(searched),
+        "frontier": 2 * grid.size + 1 if len(searched) == 2 else None,
+    }
+    total = most[method] or grid.size.bit_length() + 1
+    bar = tqdm(
+        total=total, desc=f"search {target:.2f} ({method}, at most)", unit="point", disable=not progress
+    )
 
     def evaluate(index: Index) -> SearchPoint:
-        if index in store.points:
-            return store.points[index]
-        thresholds = thresholds_at(index)
-        f, g = measure(thresholds)
-        point = SearchPoint(index, thresholds, f, g)
-        store.add(point)
+        if index not in store.points:
+            thresholds = thresholds_at(index)
+            f, g, g_skippable = measure(thresholds)
+            store.add(SearchPoint(index, thresholds, f, g, g_skippable))
+        point = store.points[index]
         bar.update(1)
-        bar.set_postfix(g=f"{g:.3f}", f=f"{f:.4f}")
+        bar.set_postfix(ratio=f"{point.ratio(target_of):.3f}", kl=f"{point.f:.4f}")
         return point
 
+    def ratio(point: SearchPoint) -> float:
+        return point.ratio(target_of)
+
     try:
+        corner = evaluate((grid.size - 1,) * len(searched))  # the ceiling: one evaluation
+        if ratio(corner) < target:
+            raise TargetUnreachableError(unreachable_message(target, target_of, corner))
         if method == "exhaustive":
-            best, frontier = exhaustive(evaluate, grid.size, target, len(searched))
+            best, frontier = exhaustive(evaluate, grid.size, target, len(searched), ratio)
         elif len(searched) == 1:
-            best, frontier = scan_one(evaluate, grid.size, target)
+            best, frontier = scan_one(evaluate, grid.size, target, ratio)
         else:
-            best, frontier = frontier_walk(evaluate, grid.size, target)
+            best, frontier = frontier_walk(evaluate, grid.size, target, ratio)
     finally:
         bar.close()
     plan = SkipPlan(
@@ -285,12 +352,16 @@ def search(
         thresholds=best.thresholds,
         model=importance.model,
         target_ratio=target,
-        achieved_ratio=best.g,
+        target_of=target_of,
+        achieved_ratio=ratio(best),
+        special_token_ids=special_ids,
         provenance={
             "method": method,
             "grid": grid.to_json(),
             "samples": len(samples),
             "calibration_kl": best.f,
+            "ratio_of_all_slots": best.g,
+            "ratio_of_skippable_slots": best.g_skippable,
             "alpha_mode": importance.mode,
             "evaluations": len(store.points),
             "tied_thresholds": tied,
@@ -315,4 +386,5 @@ def _fingerprint(
         "grid": grid.to_json(),
         "modalities": list(searched),
         "special_ids": sorted(special_ids),
+        "cache_format": 2,  # points carry g over the skippable slots too
     }

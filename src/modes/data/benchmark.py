@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from modes.data.sample import Sample
+
 __all__ = [
     "COLORS",
     "IMAGE_SIZE",
@@ -21,7 +23,6 @@ __all__ = [
     "SHAPES",
     "SKILLS",
     "SPLITS",
-    "Sample",
     "cell_labels",
     "generate_split",
     "make_sample",
@@ -48,17 +49,6 @@ WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", 
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 SPLITS = {"train": (0, 200_000), "calibration": (1_000_000, 1024), "test": (2_000_000, 1600)}
 """split -> (first seed, number of samples)."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One benchmark item: an optional image, a question, its answer and the skill it tests."""
-
-    id: str
-    question: str
-    answer: str
-    skill: str
-    image: Image.Image | None = None
 
 
 @dataclass(frozen=True)

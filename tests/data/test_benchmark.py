@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from modes.bundled.benchmark import IMAGE_SKILLS, SKILLS, SPLITS, TEXT_SKILLS, generate_split, make_sample
 from modes.bundled.build import build_tokenizer
+from modes.data.benchmark import IMAGE_SKILLS, SKILLS, SPLITS, TEXT_SKILLS, generate_split, make_sample
 
 
 def test_samples_are_deterministic():

@@ -1,0 +1,90 @@
+"""The whole pipeline on one model: calibrate, search each target, evaluate with and without each plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modes.calibration.importance import Importance, calibrate
+from modes.data.sample import Sample
+from modes.evaluation.evaluate import evaluate
+from modes.search.frontier import SearchResult, TargetOf, search
+from modes.search.grid import GridSpec
+
+__all__ = ["DemoResult", "demo"]
+
+
+@dataclass
+class DemoResult:
+    importance: Importance
+    searches: dict[float, SearchResult]  # by target
+    baseline: dict[str, Any]  # `evaluate` report of the unskipped model
+    reports: dict[float, dict[str, Any]]  # `evaluate` report of each target's plan
+    target_of: TargetOf
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: accuracy, both skip ratios and thresholds per target."""
+        plans = []
+        for target, result in self.searches.items():
+            report = self.reports[target]
+            plans.append(
+                {
+                    "target": target,
+                    "target_of": self.target_of,
+                    "thresholds": result.plan.thresholds,
+                    "calibration_ratio": result.best.ratio(self.target_of),
+                    "calibration_ratio_of_all_slots": result.best.g,
+                    "test_ratio": report[
+                        "skippable_ratio" if self.target_of == "skippable" else "skip_ratio"
+                    ],
+                    "test_ratio_of_all_slots": report["skip_ratio"],
+                    "test_per_modality": report["per_modality"],
+                    "accuracy": report["accuracy"],
+                    "accuracy_se": report["accuracy_se"],
+                    "per_skill": report["per_skill"],
+                    "relative_accuracy": 100 * report["accuracy"] / self.baseline["accuracy"],
+                }
+            )
+        baseline = {k: self.baseline[k] for k in ("accuracy", "accuracy_se", "per_skill", "samples")}
+        return {"baseline": baseline, "plans": plans}
+
+
+def demo(
+    model: Any,
+    processor: Any,
+    calibration: Sequence[Sample],
+    test: Sequence[Sample],
+    targets: Sequence[float],
+    grid_size: int = 24,
+    batch_size: int = 32,
+    target_of: TargetOf = "skippable",
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> DemoResult:
+    """Calibrate on ``calibration``, search every target on a grid covering every score (the
+    targets share the search points through one ``cache``), evaluate on ``test``."""
+    importance = calibrate(model, processor, calibration, batch_size=batch_size, progress=progress)
+    grid = GridSpec.covering(importance.max_alphas(), size=grid_size)
+    searches = {
+        target: search(
+            model,
+            processor,
+            calibration,
+            importance,
+            target,
+            grid=grid,
+            cache=cache,
+            batch_size=batch_size,
+            target_of=target_of,
+            progress=progress,
+        )
+        for target in targets
+    }
+    baseline = evaluate(model, processor, test, batch_size=batch_size, progress=progress)
+    reports = {
+        target: evaluate(model, processor, test, plan=result.plan, batch_size=batch_size, progress=progress)
+        for target, result in searches.items()
+    }
+    return DemoResult(importance, searches, baseline, reports, target_of)

@@ -1,0 +1,34 @@
+"""Human-readable tables of modes' results (the CLI prints them; docs embed them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["compare_markdown", "text_table"]
+
+
+def text_table(rows: list[list[Any]], header: list[str]) -> str:
+    """Right-aligned plain-text columns with a rule under the header."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[Any]) -> str:
+        return "  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def compare_markdown(report: dict[str, Any]) -> str:
+    """The paper-style table of `modes.compare`: per-skill accuracy, relative accuracy, ratios."""
+    skills = list(report["baseline"]["per_skill"])
+    header = ["method", "target", "ratio", "text", "visual", *skills, "accuracy", "relative %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = report["baseline"]
+    cells = ["unskipped", "-", "0.000", "-", "-", *(f"{base['per_skill'][k] * 100:.1f}" for k in skills)]
+    lines.append("| " + " | ".join([*cells, f"{base['accuracy'] * 100:.1f}", "100.0"]) + " |")
+    for row in report["rows"]:
+        modality = [f"{row['per_modality'].get(m, 0.0):.3f}" for m in ("text", "visual")]
+        cells = [row["method"], f"{row['target']:.2f}", f"{row['ratio']:.3f}", *modality]
+        cells += [f"{row['per_skill'][k] * 100:.1f}" for k in skills]
+        cells += [f"{row['accuracy'] * 100:.1f}", f"{row['relative_accuracy']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

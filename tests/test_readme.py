@@ -1,20 +1,91 @@
-"""The README's first Python example runs as written and skips some but not all slots."""
+"""Every code block of the README runs: Python blocks as written, `modes` commands with small
+sample counts (the full runs take minutes), the lmms-eval command's arguments against the
+adapter, and the install and test lines through `.ci/run`, which runs exactly them."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import re
+import shlex
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+from modes.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+COMMANDS = [
+    line.split("  #")[0].strip()
+    for block in BASH_BLOCKS
+    for line in block.splitlines()
+    if line.strip() and not line.lstrip().startswith("#")
+]
+# small options per subcommand, appended to the README's command (later options win)
+SMALL = {
+    "calibrate": ["--samples", "16"],
+    "search": ["--samples", "16", "--grid-size", "6"],
+    "eval": ["--samples", "24"],
+    "compare": "--calibration-samples 16 --test-samples 16 --grid-size 4 --targets 0.5 "
+    "--methods modes,naee,k_reduction".split(),
+    "bench": ["--prompt-tokens", "16", "--new-tokens", "2", "--repeats", "1", "--system-malloc"],
+    "demo": ["--calibration-samples", "16", "--test-samples", "16", "--grid-size", "4"],
+}
 
 
-def test_readme_example_runs_as_written():
-    example = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[0]
-    assert len(example.strip().splitlines()) <= 12
+def run(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(cwd)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        exec(compile(example, "README.md", "exec"), {})
-    ratio = float(output.getvalue().splitlines()[-1].split()[0])
+        exec(compile(code, "README.md", "exec"), {})
+    return output.getvalue()
+
+
+def test_readme_has_the_blocks_this_file_runs():
+    assert len(PYTHON_BLOCKS) == 2
+    assert {c.split()[0] for c in COMMANDS} == {"pip", "modes", "python", "lmms-eval"}
+
+
+def test_first_python_example_runs_as_written(tmp_path, monkeypatch):
+    example = PYTHON_BLOCKS[0]
+    assert len(example.strip().splitlines()) <= 12
+    ratio = float(run(example, tmp_path, monkeypatch).splitlines()[-1].split()[0])
     assert 0 < ratio < 1
+
+
+def test_pipeline_example_runs_as_written(tmp_path, monkeypatch):
+    lines = run(PYTHON_BLOCKS[1], tmp_path, monkeypatch).splitlines()
+    accuracy, skippable, overall = map(float, lines[0].split())
+    assert 0 < accuracy <= 1 and 0 < overall < skippable < 1
+    assert 0 < float(lines[1]) < 1  # the saved plan, applied by hand, skips as searched
+    assert (tmp_path / "plan.json").exists()
+
+
+def test_modes_commands_run_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in [c for c in COMMANDS if c.startswith("modes ")]:
+        argv = shlex.split(command)[1:]
+        assert main(argv + SMALL[argv[0]]) == 0, command
+
+
+def test_install_and_test_lines_are_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in COMMANDS:
+        if command.startswith(("pip ", "python -m pytest")):
+            assert command in ci, f"README promises `{command}` but .ci/run does not run it"
+
+
+def test_lmms_eval_command_names_the_adapter_and_its_arguments():
+    pytest.importorskip("lmms_eval")
+    from modes.evaluation.lmms import ModesLMM
+
+    accepted = set(inspect.signature(ModesLMM.__init__).parameters) - {"self", "unknown"}
+    for command in [c for c in COMMANDS if c.startswith("lmms-eval")]:
+        argv = shlex.split(command)
+        assert argv[argv.index("--model") + 1] == "modes"
+        model_args = dict(pair.split("=", 1) for pair in argv[argv.index("--model_args") + 1].split(","))
+        assert set(model_args) <= accepted, set(model_args) - accepted

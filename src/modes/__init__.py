@@ -3,22 +3,46 @@
 Pipeline: `calibrate` (alpha per MoE layer and modality) -> `search` (thresholds for a target
 skip ratio, a `SkipPlan`) -> `apply` / `applied` (skipped experts are never computed) ->
 `evaluate`, `compare`. Policies (MoDES and the baselines) are typed configs in `modes.policies`.
+
+Names load on first use (PEP 562), so ``import modes`` and ``modes --help`` do not pay for
+torch and transformers until something needs them.
 """
 
-# Subpackages first: `modes.search` and `modes.compare` below name the functions, which the
-# README promises; `modes.search.frontier` and friends still import as modules.
-import modes.search as _search_package  # noqa: F401
-from modes.adapters import UnsupportedModelError, register_model, supported_model_types
-from modes.calibration import Importance, calibrate
-from modes.data import Sample, load_samples
-from modes.engine import ApplyOptions, ModelInfo, applied, apply, model_info, remove, reset_stats, skip_stats
-from modes.errors import PlanError
-from modes.evaluation import compare, evaluate
-from modes.loading import bundled_model_path, load_model, load_processor
-from modes.plan import SkipPlan
-from modes.search import GridSpec, SearchResult, TargetUnreachableError, search
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "UnsupportedModelError": "modes.adapters",
+    "register_model": "modes.adapters",
+    "supported_model_types": "modes.adapters",
+    "Importance": "modes.calibration",
+    "calibrate": "modes.calibration",
+    "Sample": "modes.data",
+    "load_samples": "modes.data",
+    "ApplyOptions": "modes.engine",
+    "ModelInfo": "modes.engine",
+    "applied": "modes.engine",
+    "apply": "modes.engine",
+    "model_info": "modes.engine",
+    "remove": "modes.engine",
+    "reset_stats": "modes.engine",
+    "skip_stats": "modes.engine",
+    "PlanError": "modes.errors",
+    "compare": "modes.evaluation",
+    "evaluate": "modes.evaluation",
+    "bundled_model_path": "modes.loading",
+    "load_model": "modes.loading",
+    "load_processor": "modes.loading",
+    "SkipPlan": "modes.plan",
+    "GridSpec": "modes.search",
+    "SearchResult": "modes.search",
+    "TargetUnreachableError": "modes.search",
+    "search": "modes.search.frontier",
+}
 
 __all__ = [
     "ApplyOptions",
@@ -49,3 +73,47 @@ __all__ = [
     "skip_stats",
     "supported_model_types",
 ]
+
+# The subpackage `modes.search` is loaded now (its own names load lazily) and its attribute
+# dropped, so `modes.search` is the function the README promises: importing `modes.search.*`
+# later finds the package in sys.modules and leaves this attribute alone.
+importlib.import_module("modes.search")
+del globals()["search"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"modes.{name}")  # a subpackage: modes.engine, ...
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'modes' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from modes.adapters import UnsupportedModelError, register_model, supported_model_types
+    from modes.calibration import Importance, calibrate
+    from modes.data import Sample, load_samples
+    from modes.engine import (
+        ApplyOptions,
+        ModelInfo,
+        applied,
+        apply,
+        model_info,
+        remove,
+        reset_stats,
+        skip_stats,
+    )
+    from modes.errors import PlanError
+    from modes.evaluation import compare, evaluate
+    from modes.loading import bundled_model_path, load_model, load_processor
+    from modes.plan import SkipPlan
+    from modes.search import GridSpec, SearchResult, TargetUnreachableError
+    from modes.search.frontier import search

@@ -383,7 +383,8 @@ def _add_grid(parser: argparse.ArgumentParser, grid_size: int, x_max: str) -> No
         "--grid-x-max",
         choices=["default", "auto"],
         default=x_max,
-        help="default: the release's x_max (tuned for 48 layers); auto: the largest tau skips every slot",
+        help="auto: the largest tau skips every skippable slot; default: the release's x_max (tuned for "
+        "48-layer models, may not reach high targets on shallower ones)",
     )
 
 
@@ -448,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=_target, required=True, help="target skip ratio in (0, 1), e.g. 0.88"
     )
     _add_target_of(search)
-    _add_grid(search, grid_size=100, x_max="default")
+    _add_grid(search, grid_size=100, x_max="auto")
     search.add_argument(
         "--method",
         choices=["frontier", "exhaustive"],

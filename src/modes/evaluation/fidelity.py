@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from modes import engine
 from modes.calibration.kl import answer_logprobs, prepare_batches
@@ -24,6 +25,7 @@ def fidelity(
     plan: SkipPlan,
     batch_size: int = 32,
     options: ApplyOptions | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Mean KL(p_orig || p_skip) and top-1 agreement over the answer tokens of ``samples``, the
     plan applied with ``options`` (`modes.ApplyOptions`)."""
@@ -32,7 +34,14 @@ def fidelity(
     references = [answer_logprobs(model, batch) for batch in batches]
     with engine.applied(model, plan, options, processor=processor):
         kl_sum, agree, tokens = 0.0, 0, 0
-        for batch, reference in zip(batches, references, strict=True):
+        pairs = tqdm(
+            zip(batches, references, strict=True),
+            total=len(batches),
+            desc="fidelity",
+            unit="batch",
+            disable=not progress,
+        )
+        for batch, reference in pairs:
             skipped = answer_logprobs(model, batch)  # [A, V]
             kl_sum += float(torch.nn.functional.kl_div(skipped, reference, log_target=True, reduction="sum"))
             agree += int((skipped.argmax(-1) == reference.argmax(-1)).sum())

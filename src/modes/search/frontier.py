@@ -284,7 +284,10 @@ def search(
     skippable tokens, like the paper's k' of k experts; ``"all"`` as a share of all slots,
     special tokens (never skipped) included. The grid's largest thresholds are evaluated first,
     so an unreachable target fails after one evaluation, naming what caps it. ``tied=True``
-    searches one threshold shared by every modality (the single-tau ablations). Points go to
+    searches one threshold shared by every modality (the single-tau ablations). The default
+    ``grid`` (100 points per modality, the release's sigmoid mapping) reaches up to a tau that
+    skips every skippable slot, whatever the model's depth; ``GridSpec()`` is the release's own
+    grid, tuned for 48-layer models. Points go to
     ``cache`` as they are computed: a rerun resumes, and searches for other targets with the
     same importance, samples and grid reuse them.
     """
@@ -292,7 +295,7 @@ def search(
         raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
     if target_of not in TARGET_OF:
         raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
-    grid = grid or GridSpec()
+    grid = grid or GridSpec.covering(importance.max_alphas())
     searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")

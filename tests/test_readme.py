@@ -27,13 +27,16 @@ COMMANDS = [
 ]
 # small options per subcommand, appended to the README's command (later options win)
 SMALL = {
-    "calibrate": ["--samples", "16"],
-    "search": ["--samples", "16", "--grid-size", "6"],
-    "eval": ["--samples", "24"],
-    "compare": "--calibration-samples 16 --test-samples 16 --grid-size 4 --targets 0.5 "
-    "--methods modes,naee,k_reduction".split(),
-    "bench": ["--prompt-tokens", "16", "--new-tokens", "2", "--repeats", "1", "--system-malloc"],
-    "demo": ["--calibration-samples", "16", "--test-samples", "16", "--grid-size", "4"],
+    name: shlex.split(options)
+    for name, options in {
+        "calibrate": "--samples 16",
+        "search": "--samples 16 --grid-size 6",
+        "eval": "--samples 24",
+        "compare": "--calibration-samples 16 --test-samples 16 --grid-size 4 --targets 0.5 "
+        "--methods modes,naee,k_reduction",
+        "bench": "--prompt-tokens 16 --new-tokens 2 --repeats 1 --system-malloc",
+        "demo": "--calibration-samples 16 --test-samples 16 --grid-size 4",
+    }.items()
 }
 
 

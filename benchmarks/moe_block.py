@@ -274,14 +274,14 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
 
 
 def _cpu_paths(experts: torch.nn.Module) -> dict[str, CpuPath]:
-    """The CPU paths `modes.apply` offers for ``experts``: oneDNN-packed copies (``packed``,
-    ``pack_weights=True``) and modes' compiled kernel (``compiled``, ``cpu_kernel=True``) where
-    it builds and runs this layout and dtype."""
-    paths: dict[str, CpuPath] = {"packed": PackedExperts(experts)}
-    try:
-        paths["compiled"] = CompiledExperts(experts)
-    except ValueError as refusal:
-        print(f"  (no compiled path: {refusal})", flush=True)
+    """The CPU paths `modes.apply` offers for ``experts`` where they run this layout and dtype on
+    this CPU: oneDNN-packed copies (``packed``) and modes' compiled kernel (``compiled``)."""
+    paths: dict[str, CpuPath] = {}
+    for name, path in (("packed", PackedExperts), ("compiled", CompiledExperts)):
+        try:
+            paths[name] = path(experts)
+        except ValueError as refusal:
+            print(f"  (no {name} path: {refusal})", flush=True)
     return paths
 
 

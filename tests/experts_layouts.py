@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from modes.engine import execute
+from modes.engine.packed import packing_unsupported
 
 __all__ = [
     "LAYOUTS",
@@ -19,6 +20,7 @@ __all__ = [
     "keep_first_slot_of_most_tokens",
     "record_projections",
     "routing",
+    "skip_unless_packing",
 ]
 
 SMALL = dict(
@@ -95,3 +97,11 @@ def record_projections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool
     monkeypatch.setattr(execute, "_project", recording_project)
     monkeypatch.setattr(execute, "_gemv", recording_gemv)
     return seen
+
+
+def skip_unless_packing(dtype: torch.dtype = torch.float32) -> None:
+    """Skip, with the reason, where this CPU or PyTorch build cannot pack ``dtype`` weights
+    (oneDNN bf16 needs AVX-512 or ARM BF16)."""
+    reason = packing_unsupported(dtype)
+    if reason:
+        pytest.skip(reason)

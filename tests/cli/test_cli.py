@@ -17,11 +17,15 @@ import torch
 import modes
 from modes.cli.main import build_parser, main
 from modes.engine.kernels import cpu_supports
+from modes.engine.packed import packing_unsupported
 from modes.errors import PlanError
 from modes.evaluation import allocator
 
 NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="modes' CPU kernel needs AVX-512")
-CPU_PATH_FLAGS = [("--pack-weights", "packed")] + (
+NEEDS_PACKING = pytest.mark.skipif(
+    packing_unsupported(torch.float32) is not None, reason=str(packing_unsupported(torch.float32))
+)
+CPU_PATH_FLAGS = [("--pack-weights", "packed")] * (packing_unsupported(torch.float32) is None) + (
     [("--cpu-kernel", "compiled")] if cpu_supports(torch.float32) else []  # AVX-512
 )
 
@@ -91,7 +95,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [[], ["--pack-weights", "--system-malloc"], pytest.param(["--cpu-kernel"], marks=NEEDS_KERNEL)],
+    [
+        [],
+        pytest.param(["--pack-weights", "--system-malloc"], marks=NEEDS_PACKING),
+        pytest.param(["--cpu-kernel"], marks=NEEDS_KERNEL),
+    ],
     ids=["plain", "packed", "compiled"],
 )
 def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeypatch):

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts_layouts import LAYOUTS, TOLERANCE, build_experts, keep_first_slot_of_most_tokens, routing
+from experts_layouts import (
+    LAYOUTS,
+    TOLERANCE,
+    build_experts,
+    keep_first_slot_of_most_tokens,
+    routing,
+    skip_unless_packing,
+)
 from modes.engine.compiled import CompiledExperts
 from modes.engine.execute import run_experts
 from modes.engine.kernels import cpu_supports
@@ -24,6 +31,7 @@ CASES = [
 
 def cpu_path(name: str, experts: torch.nn.Module, dtype: torch.dtype):
     if name == "packed":
+        skip_unless_packing(dtype)
         return PackedExperts(experts)
     if not cpu_supports(dtype):
         pytest.skip(f"modes' CPU kernel needs AVX-512 (and AVX-512 BF16 for bf16) for {dtype}")

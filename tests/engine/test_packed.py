@@ -13,9 +13,17 @@ from experts_layouts import (
     keep_first_slot_of_most_tokens,
     record_projections,
     routing,
+    skip_unless_packing,
 )
 from modes.engine.execute import run_experts
 from modes.engine.packed import PackedExperts
+
+
+@pytest.fixture(autouse=True)
+def _packing(request):
+    """Every test here packs fp32 weights except the refusal checks."""
+    if "refused" not in request.node.name:
+        skip_unless_packing(torch.float32)
 
 
 def test_a_call_that_skips_nothing_runs_the_module_itself():
@@ -66,7 +74,8 @@ def test_weights_changed_after_packing_fall_back_to_the_module(change):
 
 
 def test_single_bf16_rows_still_take_atens_gemv(monkeypatch):
-    """Packed or not, one bf16 row through [out, in] weights is faster with oneDNN off."""
+    """Packed or not, one bf16 row through [out, in] weights takes ATen's GEMV."""
+    skip_unless_packing(torch.bfloat16)
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm").to(torch.bfloat16)
     packed = PackedExperts(experts)
     seen = record_projections(monkeypatch)
@@ -79,7 +88,7 @@ def test_single_bf16_rows_still_take_atens_gemv(monkeypatch):
     assert torch.backends.mkldnn.enabled
 
 
-def test_packing_needs_structured_experts_on_cpu_in_bf16_or_fp32():
+def test_packing_anything_but_structured_cpu_experts_in_bf16_or_fp32_is_refused():
     experts = build_experts("qwen3_moe", "Qwen3MoeExperts", "grouped_mm")
     with pytest.raises(ValueError, match=r"bfloat16 and float32 experts, not torch\.float16"):
         PackedExperts(experts.half())

@@ -11,6 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import modes
+from experts_layouts import skip_unless_packing
 from modes import ApplyOptions
 from modes.adapters import spec_for
 from modes.engine.kernels import cpu_supports
@@ -350,6 +351,8 @@ def cpu_path_refusal(model, option: str) -> str | None:
 @pytest.mark.parametrize("option", ["packed", pytest.param("compiled", marks=NEEDS_KERNEL)])
 @pytest.mark.parametrize("tiny", FAMILIES)
 def test_cpu_paths_keep_zero_thresholds_bit_identical_and_match_the_reference(tiny, option):
+    if option == "packed":
+        skip_unless_packing()
     model = build(tiny)
     ids = prompts(tiny)
     refusal = cpu_path_refusal(model, option)
@@ -396,6 +399,7 @@ def test_a_model_that_cannot_be_packed_is_left_untouched():
 def test_remove_releases_the_packed_copies():
     """Packed copies double the experts' memory: `remove` must give it back (and `modes bench`
     relies on it to time the unskipped model without them)."""
+    skip_unless_packing()
     tiny = next(t for t in TINY_MODELS if t.model_type == "qwen3_moe")
     model = build(tiny)
     modes.apply(model, make_plan(model, tiny, tau=MODERATE), options=ApplyOptions("packed"))

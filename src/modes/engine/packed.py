@@ -12,12 +12,14 @@ other calls' temporaries grew dearer while those copies were resident; keeping f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from modes.engine.execute import check_cpu_experts, project_each_expert
 
-__all__ = ["PackedExperts", "pack_weight", "packed_linear"]
+__all__ = ["PackedExperts", "pack_weight", "packed_linear", "packing_unsupported"]
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 BATCH_HINT = 16  # rows per GEMM oneDNN picks the blocked layout for; 1-128 measured alike
@@ -79,17 +81,27 @@ def _pack(experts: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return pack_weight(weight.T if experts.is_transposed else weight)
 
 
+@functools.cache
+def packing_unsupported(dtype: torch.dtype) -> str | None:
+    """Why this PyTorch build and CPU cannot pack ``dtype`` weights (None: they can), decided
+    by what they report and by packing and multiplying one small weight."""
+    if dtype not in PACKABLE_DTYPES:
+        return f"execution='packed' supports bfloat16 and float32 experts, not {dtype}"
+    if not torch.backends.mkldnn.is_available():
+        return "execution='packed' needs PyTorch built with oneDNN (mkldnn)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bf16 support in oneDNN for execution='packed' (it needs AVX-512 or ARM BF16)"
+    try:
+        packed_linear(torch.ones(1, 16, dtype=dtype), pack_weight(torch.ones(16, 16, dtype=dtype)))
+    except (RuntimeError, AttributeError) as error:  # an op this build or CPU lacks
+        return f"oneDNN cannot pack {dtype} weights here ({str(error).splitlines()[0]})"
+    return None
+
+
 def _check_packable(experts: nn.Module) -> None:
     """Raise a ValueError naming why ``experts`` cannot be packed, and what to do instead."""
-    fix = "apply with execution='default'"
     parameter = check_cpu_experts(experts, "execution='packed'")
-    if parameter.dtype not in PACKABLE_DTYPES:
-        raise ValueError(
-            f"execution='packed' supports bfloat16 and float32 experts, not {parameter.dtype}: {fix}"
-        )
-    if not torch.backends.mkldnn.is_available():
-        raise ValueError(f"execution='packed' needs PyTorch built with oneDNN (mkldnn): {fix}")
-    if parameter.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError(
-            f"this CPU has no bf16 support in oneDNN for execution='packed': {fix}, or use float32"
-        )
+    reason = packing_unsupported(parameter.dtype)
+    if reason:
+        also = ", or use float32" if parameter.dtype == torch.bfloat16 else ""
+        raise ValueError(f"{reason}: apply with execution='default'{also}")

@@ -5,9 +5,9 @@ GEMM of a few rows streams the weights at a fraction of what the memory delivers
 expert's weights once, when the model is patched, removes that reorder, with oneDNN's own
 results (bit-identical in bf16 in our checks): see BENCHMARKS.md for what it gains at high skip
 ratios on CPU. The price is a second copy of every routed expert's weights, so it is opt-in
-(``options=ApplyOptions(execution="packed")``). (Under glibc's default allocator, page faults for
-other calls' temporaries grew dearer while those copies were resident; keeping freed memory,
-`modes.evaluation.allocator`, removes both.)
+(``options=ApplyOptions(execution="packed")``). Serve with an allocator that keeps freed memory
+(`modes.evaluation.allocator`): under glibc's defaults other calls' page faults grow dearer
+while the copies are resident.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Keep freed memory in the process, so that timings compare kernels, not page faults.
 
 glibc's malloc hands large freed blocks back to the kernel (``mmap`` chunks, heap trimming), so
-a call that allocates large temporaries faults in fresh zeroed pages every time. On the CPU of
-BENCHMARKS.md, transformers' default experts call (Qwen3-VL-30B shape, fp32) took 38 thousand
-minor page faults (150 MB) per call at 512 tokens, 194 thousand at 2048, 20-24% of its time, and
-more while packed copies of the weights were resident, which skewed every comparison taken
-under glibc's defaults. CPU inference servers avoid this with jemalloc or tcmalloc
+a call that allocates large temporaries faults in fresh zeroed pages every time: a fifth of
+the time of transformers' default experts call on a 30B-shaped block (figures in BENCHMARKS.md),
+enough to skew any comparison taken under glibc's defaults. CPU inference servers avoid this with jemalloc or tcmalloc
 (``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``;
 `retain_freed_memory` sets the latter two in a running process.
 """

@@ -4,11 +4,20 @@ alpha_m(l) = mean over calibration answer tokens of KL(p_orig || p_(l,m)), p_(l,
 when every routed expert of layer l is skipped for the tokens of modality m, normalised so
 that alpha_m sums to 1 over layers. ``mode="shared"`` skips the layer for all tokens at once
 (the paper's wording) and gives every modality the same alpha.
+
+``semantics="release"`` reproduces the authors' release (algorithm.md section 7): KL at the
+release's positions (`modes.calibration.kl`), knocked-out tokens' routed experts output their
+own input instead of nothing, and a zero KL sum keeps the raw values. ``knockout`` < 1 skips
+only that share of each token's lowest-weight slots at the knocked-out layer (partial
+knockout: importance measured where skipping actually operates).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +28,7 @@ from tqdm import tqdm
 
 from modes import engine
 from modes.adapters.registry import MODALITIES, spec_for
-from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
+from modes.calibration.kl import CalibrationBatch, Semantics, answer_kl, answer_logprobs, prepare_batches
 from modes.calibration.replay import PrefixReplay, media_encoders
 from modes.data.sample import Sample
 from modes.engine import ModelInfo
@@ -43,6 +52,7 @@ class Importance:
     model: ModelInfo
     answer_tokens: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    semantics: Semantics = "modes"  # the KL positions the search's loss must use too
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -52,10 +62,27 @@ class Importance:
         """The largest alpha of each modality: with pi <= 1, no score s = alpha * pi exceeds it."""
         return {m: max(alphas[m] for alphas in self.alphas.values()) for m in self.modalities}
 
+    def tempered(self, gamma: float) -> Importance:
+        """Alphas raised to ``gamma`` and renormalised per modality: 0 gives uniform alphas
+        (DMT only), 1 these (MoDES); in between, low-importance layers keep more weight."""
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+        alphas: dict[int, dict[str, float]] = {layer: {} for layer in self.alphas}
+        for modality in self.modalities:
+            powered = {layer: values[modality] ** gamma for layer, values in self.alphas.items()}
+            total = sum(powered.values()) or 1.0
+            for layer, value in powered.items():
+                alphas[layer][modality] = value / total
+        provenance = {**self.provenance, "tempered_gamma": gamma}
+        return Importance(
+            alphas, self.raw_kl, self.mode, self.model, self.answer_tokens, provenance, self.semantics
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": "modes.Importance",
             "format_version": 1,
+            "semantics": self.semantics,
             "mode": self.mode,
             "model": self.model.to_json(),
             "answer_tokens": self.answer_tokens,
@@ -81,6 +108,7 @@ class Importance:
                 model=ModelInfo.from_json(data["model"]),
                 answer_tokens=int(data["answer_tokens"]),
                 provenance=data.get("provenance") or {},
+                semantics=data.get("semantics", "modes"),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             if isinstance(error, PlanError):
@@ -89,17 +117,26 @@ class Importance:
 
 
 class _Knockout:
-    """Skip every routed slot of the target modalities at the target layer, nothing elsewhere."""
+    """At the target layer, skip the target modalities' slots (all of them, or the ``share``
+    with the lowest weights); nothing elsewhere. Remembers which tokens lost every slot."""
 
-    def __init__(self, layer: int, target: dict[str, Any]):
+    def __init__(self, layer: int, target: dict[str, Any], share: float):
         self.layer = layer
         self.target = target
+        self.share = share
+        self.emptied: torch.Tensor | None = None  # [T] bool, tokens of the last call with no slot left
 
     def skip_mask(self, routing: Routing) -> torch.Tensor:
+        self.emptied = None
         if self.target.get("layer") != self.layer:
             return torch.zeros_like(routing.pi, dtype=torch.bool)
         hit = torch.isin(routing.codes, self.target["codes"].to(routing.codes.device))  # [T]
-        return hit.unsqueeze(1).expand_as(routing.pi)
+        skip = hit.unsqueeze(1).expand_as(routing.pi)  # [T, k]
+        if self.share < 1:
+            ranks = routing.pi.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [T, k]
+            skip = skip & (ranks >= round(routing.pi.shape[1] * (1 - self.share)))
+        self.emptied = skip.all(dim=1)
+        return skip
 
 
 @dataclass
@@ -108,14 +145,29 @@ class _KnockoutPlan:
     ({"layer": l, "codes": modality codes}), so one patch serves every knockout pass."""
 
     special_token_ids: tuple[int, ...]
+    share: float = 1.0
     target: dict[str, Any] = field(default_factory=dict)
+    rules: dict[int, _Knockout] = field(default_factory=dict)
     renormalize: bool = False
 
     def rule(self, layer: int) -> SkipRule:
-        return _Knockout(layer, self.target)
+        return self.rules.setdefault(layer, _Knockout(layer, self.target, self.share))
 
     def check_fits(self, info: ModelInfo) -> None:
         """Built for the model at hand."""
+
+
+def _release_fill(rule: _Knockout):
+    """Forward hook on a patched experts module: tokens whose routed experts were all skipped
+    output the module's input, as the release's ``mlp_forward`` returns its input for them."""
+
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        emptied = rule.emptied
+        if emptied is None or not bool(emptied.any()):
+            return output
+        return torch.where(emptied.unsqueeze(1), args[0].to(output.dtype), output)
+
+    return hook
 
 
 def calibrate(
@@ -127,21 +179,34 @@ def calibrate(
     reuse_prefix: bool = True,
     special_token_ids: Sequence[int] | None = None,
     progress: bool = True,
+    semantics: Semantics = "modes",
+    knockout: float = 1.0,
 ) -> Importance:
-    """Alphas for every MoE layer of ``model`` and every modality present in ``samples``."""
+    """Alphas for every MoE layer of ``model`` and every modality present in ``samples``.
+
+    ``semantics``: ``"modes"`` (algorithm.md section 1) or ``"release"`` (the authors' code,
+    section 7). ``knockout``: share of each token's slots skipped at the measured layer (1: all).
+    """
     if mode not in ("per_modality", "shared"):
         raise ValueError(f"mode must be 'per_modality' or 'shared', not {mode!r}")
+    if not 0 < knockout <= 1:
+        raise ValueError(f"knockout must be a share of the slots in (0, 1], got {knockout}")
     if engine.is_patched(model):
         raise ValueError("calibrate an unpatched model (call modes.remove(model) first)")
     info = engine.model_info(model)
     device = next(model.parameters()).device
     tokenizer = getattr(processor, "tokenizer", processor)
-    knockout = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids))
-    target = knockout.target
-    with engine.applied(model, knockout):
+    plan = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids), share=knockout)
+    target = plan.target
+    batches = prepare_batches(processor, samples, batch_size, device, semantics)
+    with engine.applied(model, plan), contextlib.ExitStack() as hooks:
         sites = engine.moe_sites(model)
+        if semantics == "release":
+            for site in sites:
+                hooks.callback(
+                    site.module.register_forward_hook(_release_fill(plan.rules[site.layer])).remove
+                )
         replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
-        batches = prepare_batches(processor, samples, batch_size, device)
         modalities = _modalities_present(model, batches, spec_for(model.config.model_type).modalities)
         groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
         sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
@@ -154,7 +219,7 @@ def calibrate(
     answer_tokens = sum(b.answer_tokens for b in batches)
     raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
     return Importance(
-        alphas=_normalise(raw, modalities, mode),
+        alphas=_normalise(raw, modalities, mode, keep_raw_if_zero=semantics == "release"),
         raw_kl={layer: _expand(v, modalities, mode) for layer, v in raw.items()},
         mode=mode,
         model=info,
@@ -163,8 +228,10 @@ def calibrate(
             "samples": len(samples),
             "batch_size": batch_size,
             "reuse_prefix": reuse_prefix,
-            "special_token_ids": list(knockout.special_token_ids),
+            "special_token_ids": list(plan.special_token_ids),
+            "knockout": knockout,
         },
+        semantics=semantics,
     )
 
 
@@ -208,12 +275,19 @@ def _expand(by_group: dict[str, float], modalities: list[str], mode: AlphaMode) 
 
 
 def _normalise(
-    raw: dict[int, dict[str, float]], modalities: list[str], mode: AlphaMode
+    raw: dict[int, dict[str, float]], modalities: list[str], mode: AlphaMode, keep_raw_if_zero: bool
 ) -> dict[int, dict[str, float]]:
     expanded = {layer: _expand(v, modalities, mode) for layer, v in raw.items()}
     alphas: dict[int, dict[str, float]] = {layer: {} for layer in raw}
     for modality in modalities:
         total = sum(v[modality] for v in expanded.values())
+        if total <= 0 and keep_raw_if_zero:  # the release divides only a non-zero sum
+            warnings.warn(
+                f"knocking out any layer for {modality} tokens leaves the answers unchanged (KL sum "
+                f"{total}); as the release does, its alphas keep the raw values",
+                stacklevel=3,
+            )
+            total = 1.0
         if total <= 0:
             raise ValueError(
                 f"skipping any layer for {modality} tokens leaves the answers unchanged (KL sum {total}); "

@@ -1,10 +1,18 @@
-"""Teacher-forced calibration batches and the KL divergence at their answer tokens."""
+"""Teacher-forced calibration batches and the KL divergence at their answer tokens.
+
+Two readings of "the answer tokens' logits" (docs/algorithm.md section 7):
+
+- ``"modes"``: the logits that predict the answer tokens and the end-of-turn token;
+- ``"release"``: the authors' release, the logits at positions from the last ``<|im_start|>``
+  plus the 3 tokens of the assistant header to the end, i.e. the logits AT the answer tokens
+  and at the end-of-turn token (one position later).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +20,11 @@ import torch.nn.functional as F
 from modes.data.encoding import answer_logit_mask, encode_teacher_forced
 from modes.data.sample import Sample, batches_by_kind
 
-__all__ = ["CalibrationBatch", "answer_kl", "prepare_batches"]
+__all__ = ["SEMANTICS", "CalibrationBatch", "Semantics", "answer_kl", "prepare_batches", "release_logit_mask"]
+
+Semantics = Literal["modes", "release"]
+SEMANTICS: tuple[str, ...] = get_args(Semantics)
+RELEASE_HEADER_TOKENS = 3  # the release's offset: "<|im_start|>", "assistant", "\n"
 
 
 @dataclass
@@ -29,15 +41,52 @@ class CalibrationBatch:
 
 
 def prepare_batches(
-    processor: Any, samples: Sequence[Sample], batch_size: int, device: torch.device
+    processor: Any,
+    samples: Sequence[Sample],
+    batch_size: int,
+    device: torch.device,
+    semantics: Semantics = "modes",
 ) -> list[CalibrationBatch]:
+    """Teacher-forced batches of ``samples`` whose KL positions follow ``semantics``."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {list(SEMANTICS)}, not {semantics!r}")
     batches = []
     for group in batches_by_kind(samples, batch_size):
         encoded = encode_teacher_forced(processor, group)
-        mask = answer_logit_mask(encoded.pop("answer_mask"))
+        answer_mask = encoded.pop("answer_mask")
+        if semantics == "modes":
+            mask = answer_logit_mask(answer_mask)
+        else:
+            mask = release_logit_mask(
+                encoded["input_ids"], encoded["attention_mask"], _im_start_id(processor)
+            )
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoded.items()}
         batches.append(CalibrationBatch(inputs, mask.to(device)))
     return batches
+
+
+def release_logit_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, im_start_id: int
+) -> torch.Tensor:
+    """[B, L] the release's KL positions: from the last ``<|im_start|>`` + 3 to the end of each
+    (left-padded) row."""
+    length = input_ids.shape[1]
+    positions = torch.arange(length).expand_as(input_ids)  # [B, L]
+    starts = torch.where(input_ids == im_start_id, positions, -1).max(dim=1).values  # [B]
+    if bool((starts < 0).any()):
+        raise ValueError("release semantics: a calibration row has no <|im_start|> token")
+    return (positions >= (starts + RELEASE_HEADER_TOKENS).unsqueeze(1)) & attention_mask.bool()
+
+
+def _im_start_id(processor: Any) -> int:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            "release semantics need a ChatML tokenizer with <|im_start|> (Qwen's), as the release "
+            "assumes; calibrate with semantics='modes'"
+        )
+    return int(token_id)
 
 
 def answer_logprobs(model: Any, batch: CalibrationBatch) -> torch.Tensor:

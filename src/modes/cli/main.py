@@ -118,7 +118,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     samples = _samples(args)
     model, processor = _load_model(args.model)
     importance = calibrate(
-        model, processor, samples, mode=args.mode, batch_size=args.batch_size, reuse_prefix=not args.no_reuse
+        model,
+        processor,
+        samples,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        reuse_prefix=not args.no_reuse,
+        semantics=args.semantics,
     )
     rows = [
         [layer, *(f"{alphas[m]:.4f}" for m in importance.modalities)]
@@ -436,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["per_modality", "shared"],
         default="per_modality",
         help="per_modality: an alpha per layer and modality (the release); shared: per layer (the paper)",
+    )
+    calibrate.add_argument(
+        "--semantics",
+        choices=["modes", "release"],
+        default="modes",
+        help="modes: KL of the logits predicting the answer, knocked-out tokens get no MoE output; "
+        "release: the authors' code exactly (docs/algorithm.md section 7)",
     )
     calibrate.add_argument("--no-reuse", action="store_true", help="recompute the unchanged prefix (slower)")
     calibrate.add_argument("--out", required=True, help="importance JSON (plot beside it)")

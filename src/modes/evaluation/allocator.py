@@ -3,9 +3,9 @@
 glibc's malloc hands large freed blocks back to the kernel (``mmap`` chunks, heap trimming), so
 a call that allocates large temporaries faults in fresh zeroed pages every time: a fifth of
 the time of transformers' default experts call on a 30B-shaped block (figures in BENCHMARKS.md),
-enough to skew any comparison taken under glibc's defaults. CPU inference servers avoid this with jemalloc or tcmalloc
-(``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``;
-`retain_freed_memory` sets the latter two in a running process.
+enough to skew any comparison taken under glibc's defaults. CPU inference servers avoid this
+with jemalloc or tcmalloc (``LD_PRELOAD``) or glibc's ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=...``; `retain_freed_memory` sets the latter two in a running process.
 """
 
 from __future__ import annotations

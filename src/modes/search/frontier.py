@@ -304,7 +304,8 @@ def search(
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
     fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
     store = PointCache(cache, fingerprint)
-    batches = prepare_batches(processor, samples, batch_size, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    batches = prepare_batches(processor, samples, batch_size, device, importance.semantics)
     with torch.no_grad():
         for batch in batches:
             batch.reference_logprobs = answer_logprobs(model, batch)
@@ -366,6 +367,7 @@ def search(
             "ratio_of_all_slots": best.g,
             "ratio_of_skippable_slots": best.g_skippable,
             "alpha_mode": importance.mode,
+            "semantics": importance.semantics,  # the KL positions of calibration and of f
             "evaluations": len(store.points),
             "tied_thresholds": tied,
         },
@@ -389,5 +391,6 @@ def _fingerprint(
         "grid": grid.to_json(),
         "modalities": list(searched),
         "special_ids": sorted(special_ids),
+        "semantics": importance.semantics,
         "cache_format": 2,  # points carry g over the skippable slots too
     }

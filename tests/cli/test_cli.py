@@ -130,7 +130,7 @@ def test_bench_reports_both_runs_and_the_amdahl_bound(tmp_path, options, monkeyp
 
 def test_compare_matches_ratios_and_writes_table_and_plot(tmp_path):
     out = tmp_path / "compare.json"
-    methods = "modes,local,naee,mc_moe,diep,k_reduction"
+    methods = "modes,local,naee,mc_moe,diep,k_reduction,modes_release,modes_tempered,modes_partial"
     args = ["compare", "--targets", "0.5", "--methods", methods, "--calibration-samples", "16",
             "--test-samples", "16", "--grid-size", "5", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
@@ -140,8 +140,15 @@ def test_compare_matches_ratios_and_writes_table_and_plot(tmp_path):
         plan = modes.SkipPlan.from_json(row["plan"])
         assert plan.method == row["method"]
         assert plan.achieved_ratio == pytest.approx(row["target"], abs=0.02)
-    k_reduction = report["rows"][-1]
+    by_method = {row["method"]: row for row in report["rows"]}
+    k_reduction = by_method["k_reduction"]
     assert k_reduction["per_modality"]["text"] == pytest.approx(0.5)  # keep 4 of 8, exactly
+    for name in ("modes_tempered", "modes"):  # tempering nests MoDES (gamma = 1) in its choice
+        assert by_method[name]["plan"]["provenance"]["compare_method"] == name
+    gammas = by_method["modes_tempered"]["plan"]["provenance"]["calibration_kl_by_gamma"]
+    assert by_method["modes_tempered"]["plan"]["provenance"]["calibration_kl"] == min(gammas.values())
+    assert by_method["modes_release"]["plan"]["provenance"]["semantics"] == "release"
+    assert all(row["calibration_kl"] >= 0 for row in report["rows"])
     assert out.with_suffix(".md").read_text().startswith("| method |")
     assert out.with_suffix(".png").exists()
 

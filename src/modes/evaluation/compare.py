@@ -3,7 +3,11 @@
 Every method is calibrated on the calibration samples to each target ratio, then evaluated
 on the test samples by the same evaluator, through the same engine (one code path).
 
-- ``modes``: calibrated alphas per modality, two thresholds (GMLG + DMT)
+- ``modes``: calibrated alphas per modality, two thresholds (GMLG + DMT), modes' calibration
+- ``modes_release``: the same with the release's calibration semantics (MoDES as published)
+- ``modes_tempered``: alphas^gamma, gamma in {0, .25, .5, .75, 1} chosen by calibration KL
+- ``modes_partial``: alphas from partial knockout (the target's share of each token's
+  lowest-weight slots skipped at the measured layer, not all of them)
 - ``dmt``: uniform alphas, two thresholds (DMT only)
 - ``gmlg``: calibrated alphas, one threshold for all modalities (GMLG only)
 - ``local``: uniform alphas, one threshold (local thresholding)
@@ -23,19 +27,33 @@ from pathlib import Path
 from typing import Any
 
 from modes.calibration.baselines import median_top2_ratio, scaled_to_target
-from modes.calibration.importance import Importance
+from modes.calibration.importance import Importance, calibrate
 from modes.calibration.kl import CalibrationBatch, prepare_batches
 from modes.calibration.similarity import expert_similarity
 from modes.data.sample import Sample
 from modes.evaluation.evaluate import evaluate
+from modes.evaluation.fidelity import fidelity
 from modes.plan import SkipPlan
 from modes.policies import DiepConfig, KReductionConfig, McMoeConfig, NaeeConfig, PolicyConfig
-from modes.search.frontier import TargetOf, search
+from modes.search.frontier import TargetOf, search, search_tempered
 from modes.search.grid import GridSpec
 
 __all__ = ["METHODS", "calibrate_method", "compare"]
 
-METHODS = ("modes", "dmt", "gmlg", "local", "naee", "mc_moe", "diep", "k_reduction")
+METHODS = (
+    "modes",
+    "modes_release",
+    "modes_tempered",
+    "modes_partial",
+    "dmt",
+    "gmlg",
+    "local",
+    "naee",
+    "mc_moe",
+    "diep",
+    "k_reduction",
+)
+TEMPER_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -67,34 +85,45 @@ class Setting:
         """DiEP's gamma2 tables."""
         return expert_similarity(self.model, self.processor, self.calibration, batch_size=self.batch_size)
 
+    @cached_property
+    def release_importance(self) -> Importance:
+        """Alphas with the release's calibration semantics."""
+        return self.calibrate(semantics="release")
 
-def uniform_importance(importance: Importance) -> Importance:
-    """Same layers and modalities, every alpha 1 / layers (s = pi up to a constant)."""
-    share = 1.0 / len(importance.alphas)
-    alphas = {layer: dict.fromkeys(importance.modalities, share) for layer in importance.alphas}
-    return Importance(alphas, alphas, "uniform", importance.model, importance.answer_tokens)
+    def calibrate(self, **options: Any) -> Importance:
+        return calibrate(
+            self.model, self.processor, self.calibration, mode=self.importance.mode,
+            batch_size=self.batch_size, progress=False, **options,
+        )  # fmt: skip
+
+    @property
+    def search_options(self) -> dict[str, Any]:
+        cache = self.cache_dir
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)  # one file per fingerprint inside
+        options = dict(batch_size=self.batch_size, cache=cache, progress=False, target_of=self.target_of)
+        return options
 
 
-def _searched_plan(
-    setting: Setting, importance: Importance, target: float, tied: bool, method: str
-) -> SkipPlan:
+def _searched_plan(setting: Setting, importance: Importance, target: float, tied: bool) -> SkipPlan:
     scores = importance.max_alphas()
     grid = GridSpec.covering(scores if not tied else {"text": max(scores.values())}, size=setting.grid_size)
-    result = search(
-        setting.model,
-        setting.processor,
-        setting.calibration,
-        importance,
-        target,
-        grid=grid,
-        tied=tied,
-        batch_size=setting.batch_size,
-        cache=setting.cache_dir / f"{method}.cache.jsonl" if setting.cache_dir else None,
-        progress=False,
-        target_of=setting.target_of,
-    )
-    result.plan.provenance["compare_method"] = method
-    return result.plan
+    model, processor, samples = setting.model, setting.processor, setting.calibration
+    return search(
+        model, processor, samples, importance, target, grid=grid, tied=tied, **setting.search_options
+    ).plan
+
+
+def _tempered(setting: Setting, target: float) -> SkipPlan:
+    model, processor, samples = setting.model, setting.processor, setting.calibration
+    options = dict(gammas=TEMPER_GAMMAS, grid_size=setting.grid_size, **setting.search_options)
+    return search_tempered(model, processor, samples, setting.importance, target, **options).plan
+
+
+def _partial(setting: Setting, target: float) -> SkipPlan:
+    """Alphas measured by skipping the target's share of each token's slots at each layer."""
+    importance = setting.calibrate(knockout=min(1.0, max(target, 1 / setting.importance.model.top_k)))
+    return _searched_plan(setting, importance, target, tied=False)
 
 
 def _k_reduction(setting: Setting, target: float) -> SkipPlan:
@@ -124,10 +153,13 @@ def _diep(setting: Setting, target: float) -> SkipPlan:
 
 
 CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
-    "modes": lambda s, t: _searched_plan(s, s.importance, t, tied=False, method="modes"),
-    "dmt": lambda s, t: _searched_plan(s, uniform_importance(s.importance), t, tied=False, method="dmt"),
-    "gmlg": lambda s, t: _searched_plan(s, s.importance, t, tied=True, method="gmlg"),
-    "local": lambda s, t: _searched_plan(s, uniform_importance(s.importance), t, tied=True, method="local"),
+    "modes": lambda s, t: _searched_plan(s, s.importance, t, tied=False),
+    "modes_release": lambda s, t: _searched_plan(s, s.release_importance, t, tied=False),
+    "modes_tempered": _tempered,
+    "modes_partial": _partial,
+    "dmt": lambda s, t: _searched_plan(s, s.importance.tempered(0.0), t, tied=False),
+    "gmlg": lambda s, t: _searched_plan(s, s.importance, t, tied=True),
+    "local": lambda s, t: _searched_plan(s, s.importance.tempered(0.0), t, tied=True),
     "k_reduction": _k_reduction,
     "naee": _naee,
     "mc_moe": _mc_moe,
@@ -138,7 +170,9 @@ CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
 def calibrate_method(setting: Setting, method: str, target: float) -> SkipPlan:
     if method not in CALIBRATORS:
         raise ValueError(f"unknown method {method!r}; choose from {list(CALIBRATORS)}")
-    return CALIBRATORS[method](setting, target)
+    plan = CALIBRATORS[method](setting, target)
+    plan.provenance["compare_method"] = method
+    return plan
 
 
 def compare(
@@ -155,7 +189,8 @@ def compare(
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Accuracy (with its binomial standard error), relative accuracy and realised ratios of
+    """Accuracy (with its binomial standard error), relative accuracy, realised ratios and the
+    calibration KL (answer-token KL on ``calibration``, the same measure for every method) of
     every method at every target, each method calibrated on ``calibration`` and evaluated on
     ``test``. Targets are shares of the skippable slots (like k' of k experts) unless
     ``target_of="all"``. Search points are cached per method in ``cache_dir`` (shared across
@@ -181,6 +216,10 @@ def compare(
                 "per_modality": report["per_modality"],
                 "accuracy": report["accuracy"],
                 "accuracy_se": report["accuracy_se"],
+                # one measure for every method: modes' answer-token KL on the calibration samples
+                "calibration_kl": fidelity(model, processor, calibration, plan, batch_size, progress=False)[
+                    "mean_kl"
+                ],
                 "relative_accuracy": 100 * report["accuracy"] / baseline["accuracy"],
                 "per_skill": report["per_skill"],
                 "plan": plan.to_json(),

@@ -18,17 +18,49 @@ def text_table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def compare_markdown(report: dict[str, Any]) -> str:
-    """The paper-style table of `modes.compare`: per-skill accuracy, relative accuracy, ratios."""
+    """The paper-style table of `modes.compare`: ratios (of the skippable slots and of all),
+    per-modality ratios, per-skill accuracy, accuracy +- its standard error, relative accuracy
+    and the calibration KL every method reached."""
     skills = list(report["baseline"]["per_skill"])
-    header = ["method", "target", "ratio", "text", "visual", *skills, "accuracy", "relative %"]
+    header = [
+        "method",
+        "target",
+        "ratio",
+        "of all",
+        "text",
+        "visual",
+        *skills,
+        "accuracy",
+        "relative %",
+        "calib KL",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = report["baseline"]
-    cells = ["unskipped", "-", "0.000", "-", "-", *(f"{base['per_skill'][k] * 100:.1f}" for k in skills)]
-    lines.append("| " + " | ".join([*cells, f"{base['accuracy'] * 100:.1f}", "100.0"]) + " |")
+    cells = [
+        "unskipped",
+        "-",
+        "0.000",
+        "0.000",
+        "-",
+        "-",
+        *(f"{base['per_skill'][k] * 100:.1f}" for k in skills),
+    ]
+    cells += [_percent(base["accuracy"], base["accuracy_se"]), "100.0", "0"]
+    lines.append("| " + " | ".join(cells) + " |")
     for row in report["rows"]:
         modality = [f"{row['per_modality'].get(m, 0.0):.3f}" for m in ("text", "visual")]
-        cells = [row["method"], f"{row['target']:.2f}", f"{row['ratio']:.3f}", *modality]
-        cells += [f"{row['per_skill'][k] * 100:.1f}" for k in skills]
-        cells += [f"{row['accuracy'] * 100:.1f}", f"{row['relative_accuracy']:.1f}"]
+        cells = [
+            row["method"],
+            f"{row['target']:.2f}",
+            f"{row['ratio']:.3f}",
+            f"{row['ratio_of_all_slots']:.3f}",
+        ]
+        cells += [*modality, *(f"{row['per_skill'][k] * 100:.1f}" for k in skills)]
+        cells += [_percent(row["accuracy"], row["accuracy_se"]), f"{row['relative_accuracy']:.1f}"]
+        cells.append(f"{row['calibration_kl']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(value: float, error: float) -> str:
+    return f"{value * 100:.1f} +- {error * 100:.1f}"

@@ -34,6 +34,7 @@ __all__ = [
     "TargetUnreachableError",
     "frontier_walk",
     "search",
+    "search_tempered",
     "unreachable_message",
 ]
 
@@ -190,10 +191,17 @@ def unreachable_message(target: float, of: TargetOf, corner: SearchPoint) -> str
 
 # -- evaluating points on a model, with the resumable cache ------------------------------------
 class PointCache:
-    """Append-only JSONL: a header with the search fingerprint, then one evaluated point per line."""
+    """Append-only JSONL: a header with the search fingerprint, then one evaluated point per line.
+
+    ``path`` may be an existing directory: the file in it is then named by the fingerprint, so
+    every search with the same importance, samples and grid shares one file, whatever asked.
+    """
 
     def __init__(self, path: str | Path | None, fingerprint: dict[str, Any]):
         self.path = Path(path) if path else None
+        if self.path is not None and self.path.is_dir():
+            digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+            self.path = self.path / f"search-{digest[:16]}.jsonl"
         self.fingerprint = fingerprint
         self.points: dict[Index, SearchPoint] = {}
         if self.path is not None and self.path.exists() and self.path.stat().st_size:
@@ -375,6 +383,34 @@ def search(
     return SearchResult(
         plan, best, frontier, sorted(store.points.values(), key=lambda p: p.index), measure.computed, taus
     )
+
+
+def search_tempered(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    importance: Importance,
+    target: float,
+    gammas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    grid_size: int = 100,
+    **options: Any,
+) -> SearchResult:
+    """Tempered GMLG: search with alphas ``importance.tempered(gamma)`` for each gamma, each on
+    a covering grid of ``grid_size`` points, and keep the result of least calibration KL f at
+    the target. gamma = 0 is DMT only (uniform alphas), 1 is MoDES, so the choice nests both and
+    is made on ``samples`` alone. ``options`` go to `search` (give ``cache`` a directory: each
+    gamma's points then keep a file of their own)."""
+    results = {}
+    for gamma in gammas:
+        tempered = importance.tempered(gamma)
+        grid = GridSpec.covering(tempered.max_alphas(), size=grid_size)
+        results[gamma] = search(model, processor, samples, tempered, target, grid=grid, **options)
+    gamma, best = min(results.items(), key=lambda item: item[1].best.f)
+    best.plan.provenance.update(
+        tempered_gamma=gamma,
+        calibration_kl_by_gamma={str(g): result.best.f for g, result in results.items()},
+    )
+    return best
 
 
 def _fingerprint(

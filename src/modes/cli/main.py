@@ -173,6 +173,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     )
     _wrote(result.plan.save(args.out))
     _wrote(write_json_atomic(Path(args.out).with_suffix(".search.json"), result.to_json()))
+    print(f"wrote {cache} (every evaluated point, as it was computed; a rerun resumes from it)")
     _plot("plot_search", result, Path(args.out).with_suffix(".png"))
 
 
@@ -205,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from modes.data.samples import load_samples
     from modes.evaluation.demo import demo
-    from modes.evaluation.report import text_table
+    from modes.evaluation.report import demo_table
 
     started = time.perf_counter()
     out = Path(args.out_dir)
@@ -236,42 +237,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
         _wrote(search_result.plan.save(plan_path))
         _plot("plot_search", search_result, plan_path.with_suffix(".png"))
     summary = result.summary()
-    base = summary["baseline"]
-    rows = [["none", "-", "-", "0.000 / 0.000", f"{base['accuracy']:.4f}", "100.00"]]
-    for plan in summary["plans"]:
-        taus = " / ".join(f"{t:.4f}" for t in plan["thresholds"].values())
-        rows.append(
-            [
-                f"{plan['target']:.2f}",
-                taus,
-                f"{plan['calibration_ratio']:.3f}",
-                f"{plan['test_ratio']:.3f} / {plan['test_ratio_of_all_slots']:.3f}",
-                f"{plan['accuracy']:.4f} +- {plan['accuracy_se']:.4f}",
-                f"{plan['relative_accuracy']:.2f}",
-            ]
-        )
-    modalities = "/".join(summary["plans"][0]["thresholds"]) if summary["plans"] else ""
-    header = [
-        "target",
-        f"tau ({modalities})",
-        "calib ratio",
-        "test ratio (skippable / all)",
-        "accuracy",
-        "relative %",
-    ]
-    print(text_table(rows, header))
+    print(demo_table(summary))
     summary["seconds"] = time.perf_counter() - started
     _write(out / "demo.json", summary)
+    print(f"wrote {cache} (every evaluated point; a rerun resumes from it)")
     print(f"done in {summary['seconds']:.0f} s")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from modes.calibration.importance import calibrate
     from modes.data.samples import load_samples
-    from modes.evaluation.compare import compare
+    from modes.evaluation.compare import METHODS, compare
     from modes.evaluation.report import compare_markdown
     from modes.io import write_text_atomic
 
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or all")
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
     model, processor = _load_model(args.model)
@@ -284,7 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         test,
         importance,
         args.targets,
-        args.methods,
+        methods,
         args.grid_size,
         args.batch_size,
         target_of=args.target_of,
@@ -431,7 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_calibrate_command(commands)
+    _add_search_command(commands)
+    _add_evaluate_command(commands)
+    _add_demo_command(commands)
+    _add_bench_command(commands)
+    _add_compare_command(commands)
+    return parser
 
+
+def _add_calibrate_command(commands: Any) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="alpha per MoE layer and modality", formatter_class=HELP
     )
@@ -454,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", required=True, help="importance JSON (plot beside it)")
     calibrate.set_defaults(run=cmd_calibrate)
 
+
+def _add_search_command(commands: Any) -> None:
     search = commands.add_parser("search", help="thresholds for a target skip ratio", formatter_class=HELP)
     _add_model(search)
     _add_data(search, "calibration", 256, 16)
@@ -476,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, help="plan JSON (search record and plot beside it)")
     search.set_defaults(run=cmd_search)
 
+
+def _add_evaluate_command(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval", help="accuracy and skip ratios, with or without a plan", formatter_class=HELP
     )
@@ -486,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cpu_paths(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
+
+def _add_demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled model", formatter_class=HELP)
     _add_model(demo)
     demo.add_argument("--targets", type=_targets, default=[0.75, 0.88], help="comma-separated skip ratios")
@@ -499,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=cmd_demo)
 
+
+def _add_bench_command(commands: Any) -> None:
     bench = commands.add_parser(
         "bench", help="prefill latency and decode tokens/s, with and without a plan", formatter_class=HELP
     )
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="report JSON")
     bench.set_defaults(run=cmd_bench)
 
+
+def _add_compare_command(commands: Any) -> None:
     compare = commands.add_parser(
         "compare", help="MoDES, ablations and baselines at matched ratios", formatter_class=HELP
     )
@@ -539,9 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_of(compare)
     compare.add_argument(
         "--methods",
-        type=lambda s: s.split(","),
-        default=["modes", "dmt", "gmlg", "local", "naee", "mc_moe", "diep", "k_reduction"],
-        help="comma-separated methods",
+        default="all",
+        help="comma-separated methods of `modes.evaluation.compare.METHODS` (MoDES, its variants and "
+        "ablations, NAEE, MC-MoE, DiEP, k-reduction), or all",
     )
     compare.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
     compare.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
@@ -554,7 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/compare/compare.json", help="JSON (Markdown, PNG and caches beside it)"
     )
     compare.set_defaults(run=cmd_compare)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

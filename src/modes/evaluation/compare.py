@@ -26,6 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from modes.calibration.baselines import median_top2_ratio, scaled_to_target
 from modes.calibration.importance import Importance, calibrate
 from modes.calibration.kl import CalibrationBatch, prepare_batches
@@ -175,6 +177,32 @@ def calibrate_method(setting: Setting, method: str, target: float) -> SkipPlan:
     return plan
 
 
+def _row(
+    setting: Setting, test: Sequence[Sample], method: str, target: float, baseline: float
+) -> dict[str, Any]:
+    """``method`` calibrated to ``target`` on the calibration samples, evaluated on ``test``."""
+    model, processor, batch_size = setting.model, setting.processor, setting.batch_size
+    plan = calibrate_method(setting, method, target)
+    report = evaluate(model, processor, test, plan=plan, batch_size=batch_size, progress=False)
+    # one measure for every method: modes' answer-token KL on the calibration samples
+    kl = fidelity(model, processor, setting.calibration, plan, batch_size, progress=False)["mean_kl"]
+    return {
+        "method": method,
+        "target": target,
+        "target_of": setting.target_of,
+        "ratio": report["skippable_ratio" if setting.target_of == "skippable" else "skip_ratio"],
+        "ratio_of_all_slots": report["skip_ratio"],
+        "ratio_of_skippable_slots": report["skippable_ratio"],
+        "per_modality": report["per_modality"],
+        "accuracy": report["accuracy"],
+        "accuracy_se": report["accuracy_se"],
+        "calibration_kl": kl,
+        "relative_accuracy": 100 * report["accuracy"] / baseline,
+        "per_skill": report["per_skill"],
+        "plan": plan.to_json(),
+    }
+
+
 def compare(
     model: Any,
     processor: Any,
@@ -187,7 +215,7 @@ def compare(
     batch_size: int = 32,
     target_of: TargetOf = "skippable",
     cache_dir: str | Path | None = None,
-    progress: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (with its binomial standard error), relative accuracy, realised ratios and the
     calibration KL (answer-token KL on ``calibration``, the same measure for every method) of
@@ -202,32 +230,15 @@ def compare(
     setting = Setting(model, processor, calibration, importance, grid_size, batch_size, target_of, cache)
     baseline = evaluate(model, processor, test, batch_size=batch_size, progress=False)
     rows = []
+    bar = tqdm(total=len(targets) * len(methods), desc="compare", unit="method", disable=not progress)
     for target in targets:
         for method in methods:
-            plan = calibrate_method(setting, method, target)
-            report = evaluate(model, processor, test, plan=plan, batch_size=batch_size, progress=False)
-            row = {
-                "method": method,
-                "target": target,
-                "target_of": target_of,
-                "ratio": report["skippable_ratio" if target_of == "skippable" else "skip_ratio"],
-                "ratio_of_all_slots": report["skip_ratio"],
-                "ratio_of_skippable_slots": report["skippable_ratio"],
-                "per_modality": report["per_modality"],
-                "accuracy": report["accuracy"],
-                "accuracy_se": report["accuracy_se"],
-                # one measure for every method: modes' answer-token KL on the calibration samples
-                "calibration_kl": fidelity(model, processor, calibration, plan, batch_size, progress=False)[
-                    "mean_kl"
-                ],
-                "relative_accuracy": 100 * report["accuracy"] / baseline["accuracy"],
-                "per_skill": report["per_skill"],
-                "plan": plan.to_json(),
-            }
-            rows.append(row)
-            progress(
-                f"target {target:.2f} {method:12s} ratio {row['ratio']:.3f} accuracy {row['accuracy']:.4f}"
-            )
+            bar.set_postfix(target=target, method=method)
+            rows.append(_row(setting, test, method, target, baseline["accuracy"]))
+            bar.update(1)
+            bar.write(f"target {target:.2f} {method:15s} ratio {rows[-1]['ratio']:.3f} "
+                      f"accuracy {rows[-1]['accuracy']:.4f}")  # fmt: skip
+    bar.close()
     return {
         "target_of": target_of,
         "baseline": {k: baseline[k] for k in ("accuracy", "accuracy_se", "per_skill", "samples")},

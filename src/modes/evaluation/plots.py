@@ -33,7 +33,7 @@ def plot_importance(importance: Importance, path: str | Path) -> Path:
     axes.set_xlabel("MoE layer")
     axes.set_ylabel("alpha (normalised KL)")
     axes.set_title(f"Layer importance ({importance.mode})")
-    axes.legend()
+    axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -41,13 +41,16 @@ def plot_importance(importance: Importance, path: str | Path) -> Path:
 
 
 def plot_search(result: SearchResult, path: str | Path) -> Path:
-    """Evaluated points coloured by g (skip ratio) and sized by f (KL), frontier and choice marked."""
+    """Evaluated points coloured by the skip ratio the target is of and sized by f (KL), frontier
+    and choice marked."""
     plt = _pyplot()
     names = list(result.grid)
+    of = result.plan.target_of
+    ratio_name = f"skip ratio of the {of} slots"
     figure, axes = plt.subplots(figsize=(6.5, 5))
     if len(names) == 1:
         xs = [p.thresholds[names[0]] for p in result.points]
-        axes.plot(xs, [p.g for p in result.points], "o", label="g (skip ratio)")
+        axes.plot(xs, [p.ratio(of) for p in result.points], "o", label=ratio_name)
         axes.plot(xs, [p.f for p in result.points], "s", label="f (KL)")
         axes.axvline(result.best.thresholds[names[0]], color="red", label="chosen")
         axes.set_xlabel(f"tau_{names[0]}")
@@ -57,13 +60,13 @@ def plot_search(result: SearchResult, path: str | Path) -> Path:
         scatter = axes.scatter(
             [p.thresholds[x_name] for p in result.points],
             [p.thresholds[y_name] for p in result.points],
-            c=[p.g for p in result.points],
+            c=[p.ratio(of) for p in result.points],
             s=[20 + 400 * min(1.0, p.f / max(1e-12, max(q.f for q in result.points))) for p in result.points],
             cmap="viridis",
             edgecolors="k",
             linewidths=0.3,
         )
-        figure.colorbar(scatter, label="g (skip ratio); marker size ~ f (KL)")
+        figure.colorbar(scatter, label=f"{ratio_name}; marker size ~ f (KL)")
         frontier = sorted(result.frontier, key=lambda p: p.thresholds[x_name])
         axes.plot(
             [p.thresholds[x_name] for p in frontier],
@@ -84,7 +87,7 @@ def plot_search(result: SearchResult, path: str | Path) -> Path:
         axes.set_xlabel(f"tau_{x_name}")
         axes.set_ylabel(f"tau_{y_name}")
         axes.legend(loc="lower left")
-    axes.set_title(f"Search for skip ratio >= {result.plan.target_ratio:.2f}")
+    axes.set_title(f"Search for {result.plan.target_ratio:.2f} of the {of} slots")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -96,16 +99,22 @@ def plot_compare(report: dict, path: str | Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     methods = dict.fromkeys(row["method"] for row in report["rows"])
+    base = report["baseline"]["accuracy"]
     for method in methods:
         rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["ratio"])
-        axes.plot(
-            [r["ratio"] for r in rows], [r["relative_accuracy"] for r in rows], marker="o", label=method
+        axes.errorbar(
+            [r["ratio"] for r in rows],
+            [r["relative_accuracy"] for r in rows],
+            yerr=[100 * r["accuracy_se"] / base for r in rows],
+            marker="o",
+            capsize=2,
+            label=method,
         )
-    axes.set_xlabel("realised skip ratio (test split)")
+    axes.set_xlabel(f"realised skip ratio of the {report['target_of']} slots (test split)")
     axes.set_ylabel("relative accuracy (%)")
     axes.set_title("Accuracy vs skipping, bundled model")
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["compare_markdown", "text_table"]
+__all__ = ["compare_markdown", "demo_table", "text_table"]
 
 
 def text_table(rows: list[list[Any]], header: list[str]) -> str:
@@ -64,3 +64,31 @@ def compare_markdown(report: dict[str, Any]) -> str:
 
 def _percent(value: float, error: float) -> str:
     return f"{value * 100:.1f} +- {error * 100:.1f}"
+
+
+def demo_table(summary: dict[str, Any]) -> str:
+    """`modes demo`'s table: thresholds, ratios and accuracy of each target's plan."""
+    base = summary["baseline"]
+    rows = [["none", "-", "-", "0.000 / 0.000", _percent(base["accuracy"], base["accuracy_se"]), "100.00"]]
+    for plan in summary["plans"]:
+        rows.append(
+            [
+                f"{plan['target']:.2f}",
+                " / ".join(f"{t:.4f}" for t in plan["thresholds"].values()),
+                f"{plan['calibration_ratio']:.3f}",
+                f"{plan['test_ratio']:.3f} / {plan['test_ratio_of_all_slots']:.3f}",
+                _percent(plan["accuracy"], plan["accuracy_se"]),
+                f"{plan['relative_accuracy']:.2f}",
+            ]
+        )
+    modalities = "/".join(summary["plans"][0]["thresholds"]) if summary["plans"] else ""
+    of = summary["plans"][0]["target_of"] if summary["plans"] else "skippable"
+    header = [
+        "target",
+        f"tau ({modalities})",
+        "calib ratio",
+        f"test ratio ({of} / all)",
+        "accuracy %",
+        "relative %",
+    ]
+    return text_table(rows, header)

@@ -307,17 +307,70 @@ def search(
     searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")
-    taus = {m: grid.taus(m) for m in searched}
     tokenizer = getattr(processor, "tokenizer", processor)
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
     fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
     store = PointCache(cache, fingerprint)
-    device = next(model.parameters()).device
-    batches = prepare_batches(processor, samples, batch_size, device, importance.semantics)
+    batches = _reference_batches(model, processor, samples, batch_size, importance.semantics)
+    measure = PointEvaluator(model, importance, batches, special_ids, max_evaluations)
+    thresholds_at = _thresholds_at(importance, grid, searched, tied)
+    bar = _progress_bar(method, grid.size, len(searched), target, progress)
+
+    def evaluate(index: Index) -> SearchPoint:
+        if index not in store.points:
+            thresholds = thresholds_at(index)
+            store.add(SearchPoint(index, thresholds, *measure(thresholds)))
+        point = store.points[index]
+        bar.update(1)
+        bar.set_postfix(ratio=f"{point.ratio(target_of):.3f}", kl=f"{point.f:.4f}")
+        return point
+
+    try:
+        best, frontier = _walk(method, evaluate, grid.size, len(searched), target, target_of)
+    finally:
+        bar.close()
+    provenance = {
+        "method": method,
+        "grid": grid.to_json(),
+        "samples": len(samples),
+        "calibration_kl": best.f,
+        "ratio_of_all_slots": best.g,
+        "ratio_of_skippable_slots": best.g_skippable,
+        "alpha_mode": importance.mode,
+        "semantics": importance.semantics,  # the KL positions of calibration and of f
+        "evaluations": len(store.points),
+        "tied_thresholds": tied,
+    }
+    plan = SkipPlan(
+        importance.alphas,
+        best.thresholds,
+        model=importance.model,
+        target_ratio=target,
+        target_of=target_of,
+        achieved_ratio=best.ratio(target_of),
+        special_token_ids=special_ids,
+        provenance=provenance,
+    )
+    points = sorted(store.points.values(), key=lambda p: p.index)
+    return SearchResult(plan, best, frontier, points, measure.computed, {m: grid.taus(m) for m in searched})
+
+
+def _reference_batches(
+    model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, semantics: str
+) -> list[CalibrationBatch]:
+    """Calibration batches with the unskipped model's log-probs at the KL positions."""
+    batches = prepare_batches(processor, samples, batch_size, next(model.parameters()).device, semantics)
     with torch.no_grad():
         for batch in batches:
             batch.reference_logprobs = answer_logprobs(model, batch)
-    measure = PointEvaluator(model, importance, batches, special_ids, max_evaluations)
+    return batches
+
+
+def _thresholds_at(
+    importance: Importance, grid: GridSpec, searched: list[str], tied: bool
+) -> Callable[[Index], dict[str, float]]:
+    """Grid position -> thresholds of every calibrated modality (those not searched stay 0)."""
+    taus = {m: grid.taus(m) for m in searched}
     others = {m: 0.0 for m in importance.modalities if m not in searched}  # never skipped
 
     def thresholds_at(index: Index) -> dict[str, float]:
@@ -325,64 +378,39 @@ def search(
             return dict.fromkeys(importance.modalities, taus["text"][index[0]])
         return {**others, **{m: taus[m][i] for m, i in zip(searched, index, strict=True)}}
 
-    most = {
-        "exhaustive": grid.size ** len(searched),
-        "frontier": 2 * grid.size + 1 if len(searched) == 2 else None,
-    }
-    total = most[method] or grid.size.bit_length() + 1
-    bar = tqdm(
+    return thresholds_at
+
+
+def _progress_bar(method: str, size: int, dims: int, target: float, progress: bool) -> tqdm:
+    """A bar whose total is the most points the walk can visit (it usually stops sooner)."""
+    walked = 2 * size + 1 if dims == 2 else size.bit_length() + 1  # + 1: the ceiling check
+    total = size**dims if method == "exhaustive" else walked
+    return tqdm(
         total=total, desc=f"search {target:.2f} ({method}, at most)", unit="point", disable=not progress
     )
 
-    def evaluate(index: Index) -> SearchPoint:
-        if index not in store.points:
-            thresholds = thresholds_at(index)
-            f, g, g_skippable = measure(thresholds)
-            store.add(SearchPoint(index, thresholds, f, g, g_skippable))
-        point = store.points[index]
-        bar.update(1)
-        bar.set_postfix(ratio=f"{point.ratio(target_of):.3f}", kl=f"{point.f:.4f}")
-        return point
+
+def _walk(
+    method: str,
+    evaluate: Callable[[Index], SearchPoint],
+    size: int,
+    dims: int,
+    target: float,
+    target_of: TargetOf,
+) -> tuple[SearchPoint, list[SearchPoint]]:
+    """The ceiling first (one evaluation at the largest thresholds), then the walk ``method``."""
 
     def ratio(point: SearchPoint) -> float:
         return point.ratio(target_of)
 
-    try:
-        corner = evaluate((grid.size - 1,) * len(searched))  # the ceiling: one evaluation
-        if ratio(corner) < target:
-            raise TargetUnreachableError(unreachable_message(target, target_of, corner))
-        if method == "exhaustive":
-            best, frontier = exhaustive(evaluate, grid.size, target, len(searched), ratio)
-        elif len(searched) == 1:
-            best, frontier = scan_one(evaluate, grid.size, target, ratio)
-        else:
-            best, frontier = frontier_walk(evaluate, grid.size, target, ratio)
-    finally:
-        bar.close()
-    plan = SkipPlan(
-        importance=importance.alphas,
-        thresholds=best.thresholds,
-        model=importance.model,
-        target_ratio=target,
-        target_of=target_of,
-        achieved_ratio=ratio(best),
-        special_token_ids=special_ids,
-        provenance={
-            "method": method,
-            "grid": grid.to_json(),
-            "samples": len(samples),
-            "calibration_kl": best.f,
-            "ratio_of_all_slots": best.g,
-            "ratio_of_skippable_slots": best.g_skippable,
-            "alpha_mode": importance.mode,
-            "semantics": importance.semantics,  # the KL positions of calibration and of f
-            "evaluations": len(store.points),
-            "tied_thresholds": tied,
-        },
-    )
-    return SearchResult(
-        plan, best, frontier, sorted(store.points.values(), key=lambda p: p.index), measure.computed, taus
-    )
+    corner = evaluate((size - 1,) * dims)
+    if ratio(corner) < target:
+        raise TargetUnreachableError(unreachable_message(target, target_of, corner))
+    if method == "exhaustive":
+        return exhaustive(evaluate, size, target, dims, ratio)
+    if dims == 1:
+        return scan_one(evaluate, size, target, ratio)
+    return frontier_walk(evaluate, size, target, ratio)
 
 
 def search_tempered(

@@ -16,6 +16,7 @@ import torch
 from modes import engine
 from modes.calibration.kl import CalibrationBatch
 from modes.engine import ModelInfo
+from modes.parallel import ranks
 from modes.plan import SkipPlan
 from modes.policies import PolicyConfig
 
@@ -47,13 +48,22 @@ def median_top2_ratio(model: Any, batches: list[CalibrationBatch]) -> dict[int, 
             ratios.setdefault(layer, []).append(top[:, 1] / top[:, 0].clamp_min(1e-20))
 
         handles.append(site.module.register_forward_pre_hook(record))
-    try:
-        for batch in batches:
-            model(**batch.inputs, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: float(torch.cat(values).median()) for layer, values in sorted(ratios.items())}
+    group = ranks()
+
+    def my_ratios() -> dict[int, dict[int, torch.Tensor]]:
+        per_batch = {}
+        try:
+            for index, batch in group.share(batches):
+                ratios.clear()
+                model(**batch.inputs, use_cache=False)
+                per_batch[index] = {layer: torch.cat(values) for layer, values in ratios.items()}
+        finally:
+            for handle in handles:
+                handle.remove()
+        return per_batch
+
+    every = list(group.gather(my_ratios).values())  # the median of every rank's tokens
+    return {layer: float(torch.cat([batch[layer] for batch in every]).median()) for layer in sorted(every[0])}
 
 
 def scaled_to_target(

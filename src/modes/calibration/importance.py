@@ -31,11 +31,12 @@ from modes.adapters.registry import MODALITIES, spec_for
 from modes.calibration.kl import CalibrationBatch, Semantics, answer_kl, answer_logprobs, prepare_batches
 from modes.calibration.replay import PrefixReplay, media_encoders
 from modes.data.sample import Sample
-from modes.engine import ModelInfo
+from modes.engine import ModelInfo, SlotCounts, add_counts, stats_from_counts
 from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import modality_code
 from modes.errors import PlanError
 from modes.io import write_json_atomic
+from modes.parallel import Ranks, ranks
 
 __all__ = ["Importance", "calibrate"]
 
@@ -207,15 +208,28 @@ def calibrate(
                     site.module.register_forward_hook(_release_fill(plan.rules[site.layer])).remove
                 )
         replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
-        modalities = _modalities_present(model, batches, spec_for(model.config.model_type).modalities)
+        group = ranks()
+        mine = group.share(batches)
+        allowed = spec_for(model.config.model_type).modalities
+        modalities = _modalities_present(model, [batch for _, batch in mine], allowed, group)
         groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
-        sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
-        total = len(batches) * len(info.moe_layers) * len(groups)
-        bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not progress)
-        with torch.no_grad():
-            for batch in batches:
-                _knockout_pass(model, batch, replay, target, info, groups, sums, reuse_prefix, bar)
+        total = len(mine) * len(info.moe_layers) * len(groups)
+        bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not (progress and group.is_main))
+
+        def my_passes() -> dict[int, dict[int, dict[str, float]]]:
+            with torch.no_grad():
+                return {
+                    index: _knockout_pass(model, batch, replay, target, info, groups, reuse_prefix, bar)
+                    for index, batch in mine
+                }
+
+        per_batch = group.gather(my_passes)  # every batch's KL sums, in global batch order
         bar.close()
+    sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
+    for by_layer in per_batch.values():
+        for layer, by_group in by_layer.items():
+            for name, kl in by_group.items():
+                sums[layer][name] += kl
     answer_tokens = sum(b.answer_tokens for b in batches)
     raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
     return Importance(
@@ -236,8 +250,10 @@ def calibrate(
 
 
 def _knockout_pass(
-    model, batch: CalibrationBatch, replay: PrefixReplay, target, info, groups, sums, reuse_prefix, bar
-):
+    model, batch: CalibrationBatch, replay: PrefixReplay, target, info, groups, reuse_prefix, bar
+) -> dict[int, dict[str, float]]:
+    """KL summed over the batch's answer tokens for each knocked-out layer and modality group."""
+    sums: dict[int, dict[str, float]] = {layer: {} for layer in info.moe_layers}
     target.clear()
     with replay.recording():
         batch.reference_logprobs = answer_logprobs(model, batch)
@@ -250,20 +266,32 @@ def _knockout_pass(
             else:
                 kl = answer_kl(model, batch)
             # KL >= 0; when the knockout changes nothing, rounding can leave about -1e-11
-            sums[layer][group] += max(0.0, float(kl))
+            sums[layer][group] = max(0.0, float(kl))
             bar.update(1)
     batch.reference_logprobs = None
     replay.outputs = {}
+    return sums
 
 
-def _modalities_present(model, batches: list[CalibrationBatch], allowed: tuple[str, ...]) -> list[str]:
-    """Modalities with tokens in the calibration data (counted by the patched model itself)."""
-    engine.reset_stats(model)
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch.inputs, use_cache=False)
-    counts = engine.skip_stats(model)["per_modality"]
-    engine.reset_stats(model)
+def _modalities_present(
+    model, batches: list[CalibrationBatch], allowed: tuple[str, ...], group: Ranks
+) -> list[str]:
+    """Modalities with tokens in the calibration data, counted by the patched model itself over
+    the batches of every rank."""
+
+    def my_counts() -> dict[int, SlotCounts]:
+        engine.reset_stats(model)
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch.inputs, use_cache=False)
+        counts = engine.slot_counts(model)
+        engine.reset_stats(model)
+        return {group.rank: counts}
+
+    total: SlotCounts = {}
+    for counts in group.gather(my_counts).values():
+        total = add_counts(total, counts)
+    counts = stats_from_counts(total)["per_modality"]
     present = [m for m in allowed if counts.get(m, {}).get("total_slots", 0) > 0]
     if not present:
         raise ValueError("calibration samples contain no text or media tokens")

@@ -4,6 +4,8 @@ from modes.engine.info import ModelInfo
 from modes.engine.options import ApplyOptions
 from modes.engine.patch import (
     Plan,
+    SlotCounts,
+    add_counts,
     applied,
     apply,
     decoder_layers,
@@ -13,6 +15,8 @@ from modes.engine.patch import (
     remove,
     reset_stats,
     skip_stats,
+    slot_counts,
+    stats_from_counts,
 )
 from modes.engine.rules import Routing, SkipRule, ThresholdRule
 
@@ -22,7 +26,9 @@ __all__ = [
     "Plan",
     "Routing",
     "SkipRule",
+    "SlotCounts",
     "ThresholdRule",
+    "add_counts",
     "applied",
     "apply",
     "decoder_layers",
@@ -32,4 +38,6 @@ __all__ = [
     "remove",
     "reset_stats",
     "skip_stats",
+    "slot_counts",
+    "stats_from_counts",
 ]

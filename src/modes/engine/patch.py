@@ -27,6 +27,7 @@ from modes.engine.wrappers import SkippingDenseRouter, SkippingExperts, _Skippin
 
 __all__ = [
     "Plan",
+    "add_counts",
     "applied",
     "apply",
     "decoder_layers",
@@ -36,6 +37,8 @@ __all__ = [
     "remove",
     "reset_stats",
     "skip_stats",
+    "slot_counts",
+    "stats_from_counts",
 ]
 
 _ATTR = "_modes_patch"
@@ -303,21 +306,38 @@ def skip_stats(model: nn.Module) -> dict[str, Any]:
 
     Reads the on-device counters once (the only host sync).
     """
-    per_layer_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    return stats_from_counts(slot_counts(model))
+
+
+SlotCounts = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (skipped, total) per bin, on CPU
+
+
+def slot_counts(model: nn.Module) -> SlotCounts:
+    """Skipped and total slots per MoE layer and statistics bin: what `skip_stats` reports, as
+    integers that add up across processes or runs (`add_counts`)."""
+    counts: SlotCounts = {}
     for wrapper in _patch_of(model).wrappers:
-        if wrapper.counter.total is None:
-            continue
-        skipped, total = wrapper.counter.skipped.cpu(), wrapper.counter.total.cpu()
-        old = per_layer_counts.get(wrapper.layer)
-        per_layer_counts[wrapper.layer] = (
-            (skipped, total) if old is None else (old[0] + skipped, old[1] + total)
-        )
-    by_bin_skipped = sum(
-        (s for s, _ in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long)
-    )
-    by_bin_total = sum(
-        (t for _, t in per_layer_counts.values()), torch.zeros(len(STAT_NAMES), dtype=torch.long)
-    )
+        if wrapper.counter.total is not None:
+            counts = add_counts(
+                counts, {wrapper.layer: (wrapper.counter.skipped.cpu(), wrapper.counter.total.cpu())}
+            )
+    return counts
+
+
+def add_counts(first: SlotCounts, second: SlotCounts) -> SlotCounts:
+    """The slot counts of both (exact: integers)."""
+    added = dict(first)
+    for layer, (skipped, total) in second.items():
+        old = added.get(layer)
+        added[layer] = (skipped, total) if old is None else (old[0] + skipped, old[1] + total)
+    return added
+
+
+def stats_from_counts(counts: SlotCounts) -> dict[str, Any]:
+    """`skip_stats`' report of ``counts``."""
+    zeros = torch.zeros(len(STAT_NAMES), dtype=torch.long)
+    by_bin_skipped = sum((s for s, _ in counts.values()), zeros)
+    by_bin_total = sum((t for _, t in counts.values()), zeros)
     skipped, total = int(by_bin_skipped.sum()), int(by_bin_total.sum())
     skippable = total - int(by_bin_total[STAT_NAMES.index("other")])
     return {
@@ -337,7 +357,7 @@ def skip_stats(model: nn.Module) -> dict[str, Any]:
                 "skipped_slots": int(s.sum()),
                 "total_slots": int(t.sum()),
             }
-            for layer, (s, t) in sorted(per_layer_counts.items())
+            for layer, (s, t) in sorted(counts.items())
         },
     }
 

@@ -4,7 +4,9 @@ Every method is calibrated on the calibration samples to each target ratio, then
 on the test samples by the same evaluator, through the same engine (one code path).
 
 - ``modes``: calibrated alphas per modality, two thresholds (GMLG + DMT), modes' calibration
-- ``modes_release``: the same with the release's calibration semantics (MoDES as published)
+- ``modes_release``: the release's calibration semantics for the alphas and for the search's
+  loss f (MoDES as published, reproduced exactly)
+- ``modes_release_alphas``: the release's alphas, searched with modes' loss positions
 - ``modes_tempered``: alphas^gamma, gamma in {0, .25, .5, .75, 1} chosen by calibration KL
 - ``modes_partial``: alphas from partial knockout (the target's share of each token's
   lowest-weight slots skipped at the measured layer, not all of them)
@@ -19,6 +21,7 @@ on the test samples by the same evaluator, through the same engine (one code pat
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ __all__ = ["METHODS", "calibrate_method", "compare"]
 METHODS = (
     "modes",
     "modes_release",
+    "modes_release_alphas",
     "modes_tempered",
     "modes_partial",
     "dmt",
@@ -157,6 +161,9 @@ def _diep(setting: Setting, target: float) -> SkipPlan:
 CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
     "modes": lambda s, t: _searched_plan(s, s.importance, t, tied=False),
     "modes_release": lambda s, t: _searched_plan(s, s.release_importance, t, tied=False),
+    "modes_release_alphas": lambda s, t: _searched_plan(
+        s, dataclasses.replace(s.release_importance, semantics="modes"), t, tied=False
+    ),
     "modes_tempered": _tempered,
     "modes_partial": _partial,
     "dmt": lambda s, t: _searched_plan(s, s.importance.tempered(0.0), t, tied=False),

@@ -15,7 +15,8 @@ from modes import engine
 from modes.data.encoding import encode_prompts
 from modes.data.sample import Sample, batches_by_kind
 from modes.data.samples import load_samples
-from modes.engine import ApplyOptions
+from modes.engine import ApplyOptions, SlotCounts, add_counts, stats_from_counts
+from modes.parallel import Ranks, ranks
 from modes.plan import SkipPlan
 
 __all__ = ["evaluate", "generate_answers", "normalise_answer"]
@@ -33,28 +34,36 @@ def generate_answers(
     batch_size: int = 32,
     max_new_tokens: int = 4,
     progress: bool = True,
+    group: Ranks | None = None,
 ) -> dict[str, str]:
-    """Greedy answer of every sample, keyed by sample id."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    answers: dict[str, str] = {}
-    bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress)
-    device = next(model.parameters()).device
-    for batch in batches_by_kind(samples, batch_size):
-        inputs = {k: v.to(device) for k, v in encode_prompts(processor, batch).items()}
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [B, new]
-        for sample, text in zip(
-            batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-        ):
-            answers[sample.id] = text.strip()
-        bar.update(len(batch))
+    """Greedy answer of every sample, keyed by sample id; with ``group`` (`modes.parallel`),
+    each rank answers its share of the batches and every rank gets all the answers."""
+    group = group or Ranks()
+    batches = group.share(list(batches_by_kind(samples, batch_size)))
+    bar = tqdm(total=sum(len(b) for _, b in batches), desc="eval", unit="sample", disable=not progress)
+
+    def my_answers() -> dict[int, dict[str, str]]:
+        answers = {}
+        for index, batch in batches:
+            answers[index] = _answer_batch(model, processor, batch, max_new_tokens)
+            bar.update(len(batch))
+        return answers
+
+    per_batch = group.gather(my_answers)
     bar.close()
-    return answers
+    return {sample_id: text for answers in per_batch.values() for sample_id, text in answers.items()}
+
+
+def _answer_batch(model: Any, processor: Any, batch: list[Sample], max_new_tokens: int) -> dict[str, str]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in encode_prompts(processor, batch).items()}
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [B, new]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return {sample.id: text.strip() for sample, text in zip(batch, texts, strict=True)}
 
 
 def evaluate(
@@ -80,12 +89,21 @@ def evaluate(
         if plan is not None
         else contextlib.nullcontext()
     )
+    group = ranks()
     with patched:
         if engine.is_patched(model):
             engine.reset_stats(model)
-        answers = generate_answers(model, processor, samples, batch_size, max_new_tokens, progress)
-        stats = engine.skip_stats(model) if engine.is_patched(model) else None
+        show = progress and group.is_main
+        answers = generate_answers(model, processor, samples, batch_size, max_new_tokens, show, group)
+        stats = _stats_of_every_rank(model, group) if engine.is_patched(model) else None
     return _report(samples, answers, stats)
+
+
+def _stats_of_every_rank(model: Any, group: Ranks) -> dict[str, Any]:
+    total: SlotCounts = {}
+    for counts in group.gather(lambda: {group.rank: engine.slot_counts(model)}).values():
+        total = add_counts(total, counts)
+    return stats_from_counts(total)
 
 
 def _report(samples: Sequence[Sample], answers: dict[str, str], stats: dict | None) -> dict[str, Any]:

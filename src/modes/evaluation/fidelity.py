@@ -12,6 +12,7 @@ from modes import engine
 from modes.calibration.kl import answer_logprobs, prepare_batches
 from modes.data.sample import Sample
 from modes.engine import ApplyOptions
+from modes.parallel import ranks
 from modes.plan import SkipPlan
 
 __all__ = ["fidelity"]
@@ -29,21 +30,23 @@ def fidelity(
 ) -> dict[str, float]:
     """Mean KL(p_orig || p_skip) and top-1 agreement over the answer tokens of ``samples``, the
     plan applied with ``options`` (`modes.ApplyOptions`)."""
-    device = next(model.parameters()).device
-    batches = prepare_batches(processor, samples, batch_size, device)
-    references = [answer_logprobs(model, batch) for batch in batches]
-    with engine.applied(model, plan, options, processor=processor):
-        kl_sum, agree, tokens = 0.0, 0, 0
-        pairs = tqdm(
-            zip(batches, references, strict=True),
-            total=len(batches),
-            desc="fidelity",
-            unit="batch",
-            disable=not progress,
-        )
-        for batch, reference in pairs:
-            skipped = answer_logprobs(model, batch)  # [A, V]
-            kl_sum += float(torch.nn.functional.kl_div(skipped, reference, log_target=True, reduction="sum"))
-            agree += int((skipped.argmax(-1) == reference.argmax(-1)).sum())
-            tokens += reference.shape[0]
+    group = ranks()
+    mine = group.share(prepare_batches(processor, samples, batch_size, next(model.parameters()).device))
+    references = {index: answer_logprobs(model, batch) for index, batch in mine}
+
+    def my_batches() -> dict[int, tuple[float, int, int]]:
+        results = {}
+        with engine.applied(model, plan, options, processor=processor):
+            for index, batch in tqdm(
+                mine, desc="fidelity", unit="batch", disable=not (progress and group.is_main)
+            ):
+                skipped, reference = answer_logprobs(model, batch), references[index]  # [A, V] each
+                kl = float(torch.nn.functional.kl_div(skipped, reference, log_target=True, reduction="sum"))
+                agree = int((skipped.argmax(-1) == reference.argmax(-1)).sum())
+                results[index] = (kl, agree, reference.shape[0])
+        return results
+
+    kl_sum, agree, tokens = 0.0, 0, 0
+    for batch_kl, batch_agree, batch_tokens in group.gather(my_batches).values():  # global batch order
+        kl_sum, agree, tokens = kl_sum + batch_kl, agree + batch_agree, tokens + batch_tokens
     return {"mean_kl": kl_sum / tokens, "top1_agreement": agree / tokens, "answer_tokens": tokens}

@@ -24,6 +24,8 @@ from modes import engine
 from modes.calibration.importance import Importance
 from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
 from modes.data.sample import Sample
+from modes.engine import SlotCounts, add_counts, stats_from_counts
+from modes.parallel import Ranks, ranks
 from modes.plan import SkipPlan
 from modes.search.grid import GridSpec
 
@@ -241,14 +243,24 @@ class PointCache:
 
 
 class PointEvaluator:
-    """f and g of one threshold setting from a single pass over the calibration batches."""
+    """f and g of one threshold setting from a single pass over the calibration batches, this
+    rank's share of them (``batches``: (global index, batch)) combined with the others'."""
 
     def __init__(
-        self, model, importance: Importance, batches: list[CalibrationBatch], special_ids, budget: int | None
+        self,
+        model,
+        importance: Importance,
+        batches: list[tuple[int, CalibrationBatch]],
+        answer_tokens: int,
+        special_ids,
+        budget: int | None,
+        group: Ranks,
     ):
         self.model, self.importance, self.batches = model, importance, batches
+        self.answer_tokens = answer_tokens
         self.special_ids = special_ids
         self.budget = budget
+        self.group = group
         self.computed = 0
 
     @torch.no_grad()
@@ -262,11 +274,23 @@ class PointEvaluator:
             model=self.importance.model,
             special_token_ids=self.special_ids,
         )
-        with engine.applied(self.model, plan):
-            kl = sum(float(answer_kl(self.model, batch)) for batch in self.batches)
-            stats = engine.skip_stats(self.model)
+
+        def my_batches() -> dict[int, tuple[float, SlotCounts]]:
+            results = {}
+            with engine.applied(self.model, plan):
+                for index, batch in self.batches:
+                    engine.reset_stats(self.model)
+                    results[index] = (float(answer_kl(self.model, batch)), engine.slot_counts(self.model))
+            return results
+
+        per_batch = self.group.gather(my_batches)  # global batch order: the one-process sum
+        kl, counts = 0.0, {}
+        for batch_kl, batch_counts in per_batch.values():
+            kl += batch_kl
+            counts = add_counts(counts, batch_counts)
+        stats = stats_from_counts(counts)
         self.computed += 1
-        return kl / sum(b.answer_tokens for b in self.batches), stats["ratio"], stats["skippable_ratio"]
+        return kl / self.answer_tokens, stats["ratio"], stats["skippable_ratio"]
 
 
 def search(
@@ -310,11 +334,17 @@ def search(
     tokenizer = getattr(processor, "tokenizer", processor)
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
     fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
-    store = PointCache(cache, fingerprint)
-    batches = _reference_batches(model, processor, samples, batch_size, importance.semantics)
-    measure = PointEvaluator(model, importance, batches, special_ids, max_evaluations)
+    group = ranks()
+    store = _shared_cache(group, cache, fingerprint)
+    batches = prepare_batches(
+        processor, samples, batch_size, next(model.parameters()).device, importance.semantics
+    )
+    mine = group.share(batches)
+    _add_references(model, [batch for _, batch in mine])
+    answer_tokens = sum(batch.answer_tokens for batch in batches)
+    measure = PointEvaluator(model, importance, mine, answer_tokens, special_ids, max_evaluations, group)
     thresholds_at = _thresholds_at(importance, grid, searched, tied)
-    bar = _progress_bar(method, grid.size, len(searched), target, progress)
+    bar = _progress_bar(method, grid.size, len(searched), target, progress and group.is_main)
 
     def evaluate(index: Index) -> SearchPoint:
         if index not in store.points:
@@ -355,15 +385,27 @@ def search(
     return SearchResult(plan, best, frontier, points, measure.computed, {m: grid.taus(m) for m in searched})
 
 
-def _reference_batches(
-    model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, semantics: str
-) -> list[CalibrationBatch]:
-    """Calibration batches with the unskipped model's log-probs at the KL positions."""
-    batches = prepare_batches(processor, samples, batch_size, next(model.parameters()).device, semantics)
+def _add_references(model: Any, batches: list[CalibrationBatch]) -> None:
+    """The unskipped model's log-probs at each batch's KL positions."""
     with torch.no_grad():
         for batch in batches:
             batch.reference_logprobs = answer_logprobs(model, batch)
-    return batches
+
+
+def _shared_cache(group: Ranks, path: str | Path | None, fingerprint: dict[str, Any]) -> PointCache:
+    """Rank 0's cache (it alone reads and writes the file); the other ranks hold its points."""
+    main: list[PointCache] = []
+
+    def open_on_main() -> dict[Index, SearchPoint]:
+        main.append(PointCache(path, fingerprint))
+        return main[0].points
+
+    points = group.broadcast(open_on_main)  # a refused cache is refused on every rank
+    if group.is_main:
+        return main[0]
+    store = PointCache(None, fingerprint)
+    store.points = dict(points)
+    return store
 
 
 def _thresholds_at(

@@ -1,0 +1,119 @@
+"""Data parallelism over torch.distributed, for the engine users already launch with.
+
+Under ``torchrun --nproc_per_node N -m modes ...`` (or ``accelerate launch``) every rank builds
+the same batches and takes every N-th one (`Ranks.share`); per-batch results (KL sums, answer
+tokens, integer slot counts) are gathered and combined in global batch order
+(`Ranks.gather`), so a run gives what one process gives, whatever N, even with more ranks
+than batches. Errors raised on any rank reach every rank at the next gather, so no rank waits
+forever. Only rank 0 writes files and shows progress (`Ranks.is_main`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistributedError", "Ranks", "ranks"]
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A rank failed, or the process group does not match the launcher's environment."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def share(self, items: Sequence[T]) -> list[tuple[int, T]]:
+        """This rank's items with their global index: every ``world``-th, from ``rank``."""
+        return [(index, item) for index, item in enumerate(items) if index % self.world == self.rank]
+
+    def gather(self, compute: Callable[[], dict[int, T]]) -> dict[int, T]:
+        """Run ``compute`` (this rank's results by global index) and return every rank's, in
+        global index order; an exception on any rank is raised on all of them."""
+        try:
+            local: dict[int, Any] | BaseException = compute()
+        except Exception as error:  # re-raised below, after every rank has heard of it
+            local = error
+        if not self.distributed:
+            if isinstance(local, BaseException):
+                raise local
+            return dict(sorted(local.items()))
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, _transportable(local))
+        failed = [(rank, part) for rank, part in enumerate(gathered) if isinstance(part, _Failure)]
+        if failed:
+            if isinstance(local, BaseException):
+                raise local
+            rank, failure = failed[0]
+            raise DistributedError(f"rank {rank} failed: {failure.message}")
+        merged: dict[int, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        return dict(sorted(merged.items()))
+
+    def broadcast(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, its value (or its exception) on every rank."""
+        results = self.gather(lambda: {0: make()} if self.is_main else {})
+        return results[0]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
+def _transportable(local: dict[int, Any] | BaseException) -> dict[int, Any] | _Failure:
+    if isinstance(local, BaseException):
+        return _Failure(f"{type(local).__name__}: {local}")
+    return {index: _to_cpu(value) for index, value in local.items()}
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def ranks() -> Ranks:
+    """This process's rank and the number of ranks. Under a launcher (``WORLD_SIZE`` > 1) the
+    process group is started here if nobody has (gloo on CPU, NCCL with CUDA, one GPU per local
+    rank), so the commands run unchanged under torchrun; a group whose size differs from the
+    launcher's is refused rather than letting each process silently do the whole job."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (dist.is_available() and dist.is_initialized()):
+        if expected <= 1:
+            return Ranks()
+        if not dist.is_available():
+            raise DistributedError(f"WORLD_SIZE={expected} but this PyTorch has no torch.distributed")
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    if world != expected and "WORLD_SIZE" in os.environ:
+        raise DistributedError(
+            f"the process group has {world} ranks but the launcher set WORLD_SIZE={expected}: each "
+            "process would do the whole job alone; start the group with the launcher's environment"
+        )
+    return Ranks(dist.get_rank(), world)

@@ -22,7 +22,14 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-__all__ = ["PATCH_SIZE", "build_qwen3_vl_processor", "bundled_model_path", "load_model", "load_processor"]
+__all__ = [
+    "PATCH_SIZE",
+    "build_qwen3_vl_processor",
+    "bundled_model_path",
+    "input_device",
+    "load_model",
+    "load_processor",
+]
 
 PATCH_SIZE = (
     16  # bundled model: 96 px images -> 6 x 6 patches -> 9 tokens after 2x2 merge (one per grid cell)
@@ -88,11 +95,30 @@ def bundled_model_path() -> Path:
     return path
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model, processor) in eval mode: the bundled model by default, else any local or hub checkpoint."""
+def load_model(
+    name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, **placement: Any
+) -> tuple[Any, Any]:
+    """(model, processor) in eval mode: the bundled model by default, else any local or hub
+    checkpoint. ``placement`` goes to ``from_pretrained`` (``device_map``, ``max_memory``,
+    ``offload_folder``: accelerate dispatches models larger than one device; under torchrun
+    give each rank its own GPUs through ``max_memory``)."""
     path = bundled_model_path() if name_or_path is None else name_or_path
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **placement)
     except ValueError:  # text-only MoE checkpoints have no image-text-to-text class
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     return model.eval(), load_processor(path)
+
+
+def input_device(model: Any) -> torch.device:
+    """Where the model's inputs go: its first device that holds weights (models dispatched by
+    accelerate keep offloaded weights on "meta" or on disk and load them per call)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    placed = [d for d in device_map.values() if str(d) not in ("disk", "meta")]
+    if placed:
+        first = placed[0]
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")

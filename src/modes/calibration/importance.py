@@ -36,6 +36,7 @@ from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import modality_code
 from modes.errors import PlanError
 from modes.io import write_json_atomic
+from modes.loading import input_device
 from modes.parallel import Ranks, ranks
 
 __all__ = ["Importance", "calibrate"]
@@ -195,7 +196,7 @@ def calibrate(
     if engine.is_patched(model):
         raise ValueError("calibrate an unpatched model (call modes.remove(model) first)")
     info = engine.model_info(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     plan = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids), share=knockout)
     target = plan.target

@@ -19,6 +19,7 @@ from modes import engine
 from modes.adapters.registry import UnsupportedModelError, spec_for
 from modes.calibration.kl import prepare_batches
 from modes.data.sample import Sample
+from modes.loading import input_device
 
 __all__ = ["expert_outputs", "expert_similarity", "linear_cka"]
 
@@ -87,7 +88,7 @@ def _record_expert_inputs(
 
         handles.append(site.module.register_forward_pre_hook(record))
     try:
-        device = next(model.parameters()).device
+        device = input_device(model)
         for batch in prepare_batches(processor, samples, batch_size, device):
             current["valid"] = batch.inputs["attention_mask"].reshape(-1).bool()
             model(**batch.inputs, use_cache=False)

@@ -15,7 +15,11 @@ skipped), like the paper's k' of k experts; --target-of all makes them shares of
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +85,20 @@ def _options(args: argparse.Namespace):
     return ApplyOptions(execution=execution_of(args.pack_weights, args.cpu_kernel))
 
 
-def _wrote(path: str | Path) -> None:
-    print(f"wrote {path}")
+_WRITER = {"main": True}  # under torchrun, only rank 0 writes files (set by `main`)
+
+
+def _output(write: Callable[[], Path]) -> None:
+    """``write()`` a file and say so, on the writing rank only."""
+    if _WRITER["main"]:
+        print(f"wrote {write()}")
 
 
 def _write(path: str | Path | None, data: dict[str, Any]) -> None:
     from modes.io import write_json_atomic
 
     if path:
-        _wrote(write_json_atomic(path, data))
+        _output(lambda: write_json_atomic(path, data))
 
 
 def _plot(function_name: str, result: Any, path: Path) -> None:
@@ -98,7 +107,7 @@ def _plot(function_name: str, result: Any, path: Path) -> None:
     except ImportError as error:  # matplotlib is an optional dependency
         print(f"(no plot {path}: {error}; pip install 'modes[plots]')")
         return
-    _wrote(getattr(plots, function_name)(result, path))
+    _output(lambda: getattr(plots, function_name)(result, path))
 
 
 def _ratios_line(report: dict[str, Any]) -> str:
@@ -131,7 +140,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         for layer, alphas in importance.alphas.items()
     ]
     print(text_table(rows, ["layer", *importance.modalities]))
-    _wrote(importance.save(args.out))
+    _output(lambda: importance.save(args.out))
     _plot("plot_importance", importance, Path(args.out).with_suffix(".png"))
 
 
@@ -171,8 +180,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         f"{best.g_skippable:.4f} of the skippable slots, {best.g:.4f} of all; KL {best.f:.5f}; "
         f"{len(result.points)} points evaluated ({result.evaluations} new)"
     )
-    _wrote(result.plan.save(args.out))
-    _wrote(write_json_atomic(Path(args.out).with_suffix(".search.json"), result.to_json()))
+    _output(lambda: result.plan.save(args.out))
+    _output(lambda: write_json_atomic(Path(args.out).with_suffix(".search.json"), result.to_json()))
     print(f"wrote {cache} (every evaluated point, as it was computed; a rerun resumes from it)")
     _plot("plot_search", result, Path(args.out).with_suffix(".png"))
 
@@ -230,11 +239,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.target_of,
         cache,
     )
-    _wrote(result.importance.save(out / "importance.json"))
+    _output(lambda: result.importance.save(out / "importance.json"))
     _plot("plot_importance", result.importance, out / "importance.png")
     for target, search_result in result.searches.items():
         plan_path = out / f"plan_{round(target * 100)}.json"
-        _wrote(search_result.plan.save(plan_path))
+        _output(functools.partial(search_result.plan.save, plan_path))
         _plot("plot_search", search_result, plan_path.with_suffix(".png"))
     summary = result.summary()
     print(demo_table(summary))
@@ -276,7 +285,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     markdown = compare_markdown(report)
     print(markdown)
     _write(out, report)
-    _wrote(write_text_atomic(out.with_suffix(".md"), markdown + "\n"))
+    _output(lambda: write_text_atomic(out.with_suffix(".md"), markdown + "\n"))
     _plot("plot_compare", report, out.with_suffix(".png"))
 
 
@@ -561,7 +570,7 @@ def _add_compare_command(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        _run_on_this_rank(args)
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None)
         print(f"\nmodes {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
@@ -572,6 +581,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modes {args.command}: error: {error}", file=sys.stderr)
         return EXIT_STOPPED if type(error).__name__ == "SearchBudgetError" else EXIT_USER_ERROR
     return 0
+
+
+def _run_on_this_rank(args: argparse.Namespace) -> None:
+    """Run the command; under torchrun every rank runs it, and only rank 0 prints and writes."""
+    from modes.parallel import ranks
+
+    group = ranks()
+    _WRITER["main"] = group.is_main
+    if group.is_main:
+        args.run(args)
+        return
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        args.run(args)
 
 
 def _is_user_error(error: Exception) -> bool:

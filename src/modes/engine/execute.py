@@ -96,7 +96,9 @@ class PlainLoop:
     visits only the experts hit."""
 
     def usable_for(self, experts: nn.Module, hidden: torch.Tensor) -> bool:
-        return hidden.device.type == "cpu"
+        """On CPU, with the weights in place (accelerate's offload keeps them on "meta" outside
+        the module's own forward, so the loop could not read them)."""
+        return hidden.device.type == "cpu" and experts.down_proj.device == hidden.device
 
     def runs_loop(self, kept: int, num_experts: int) -> bool:
         return kept <= num_experts

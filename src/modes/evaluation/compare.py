@@ -38,6 +38,7 @@ from modes.calibration.similarity import expert_similarity
 from modes.data.sample import Sample
 from modes.evaluation.evaluate import evaluate
 from modes.evaluation.fidelity import fidelity
+from modes.loading import input_device
 from modes.plan import SkipPlan
 from modes.policies import DiepConfig, KReductionConfig, McMoeConfig, NaeeConfig, PolicyConfig
 from modes.search.frontier import TargetOf, search, search_tempered
@@ -77,9 +78,7 @@ class Setting:
 
     @cached_property
     def batches(self) -> list[CalibrationBatch]:
-        return prepare_batches(
-            self.processor, self.calibration, self.batch_size, next(self.model.parameters()).device
-        )
+        return prepare_batches(self.processor, self.calibration, self.batch_size, input_device(self.model))
 
     @cached_property
     def median_top2_ratio(self) -> dict[int, float]:

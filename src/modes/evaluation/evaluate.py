@@ -16,6 +16,7 @@ from modes.data.encoding import encode_prompts
 from modes.data.sample import Sample, batches_by_kind
 from modes.data.samples import load_samples
 from modes.engine import ApplyOptions, SlotCounts, add_counts, stats_from_counts
+from modes.loading import input_device
 from modes.parallel import Ranks, ranks
 from modes.plan import SkipPlan
 
@@ -56,7 +57,7 @@ def generate_answers(
 
 def _answer_batch(model: Any, processor: Any, batch: list[Sample], max_new_tokens: int) -> dict[str, str]:
     tokenizer = getattr(processor, "tokenizer", processor)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = {k: v.to(device) for k, v in encode_prompts(processor, batch).items()}
     output = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id

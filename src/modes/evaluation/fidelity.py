@@ -12,6 +12,7 @@ from modes import engine
 from modes.calibration.kl import answer_logprobs, prepare_batches
 from modes.data.sample import Sample
 from modes.engine import ApplyOptions
+from modes.loading import input_device
 from modes.parallel import ranks
 from modes.plan import SkipPlan
 
@@ -31,7 +32,7 @@ def fidelity(
     """Mean KL(p_orig || p_skip) and top-1 agreement over the answer tokens of ``samples``, the
     plan applied with ``options`` (`modes.ApplyOptions`)."""
     group = ranks()
-    mine = group.share(prepare_batches(processor, samples, batch_size, next(model.parameters()).device))
+    mine = group.share(prepare_batches(processor, samples, batch_size, input_device(model)))
     references = {index: answer_logprobs(model, batch) for index, batch in mine}
 
     def my_batches() -> dict[int, tuple[float, int, int]]:

@@ -25,6 +25,7 @@ from modes.calibration.importance import Importance
 from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
 from modes.data.sample import Sample
 from modes.engine import SlotCounts, add_counts, stats_from_counts
+from modes.loading import input_device
 from modes.parallel import Ranks, ranks
 from modes.plan import SkipPlan
 from modes.search.grid import GridSpec
@@ -336,9 +337,7 @@ def search(
     fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
     group = ranks()
     store = _shared_cache(group, cache, fingerprint)
-    batches = prepare_batches(
-        processor, samples, batch_size, next(model.parameters()).device, importance.semantics
-    )
+    batches = prepare_batches(processor, samples, batch_size, input_device(model), importance.semantics)
     mine = group.share(batches)
     _add_references(model, [batch for _, batch in mine])
     answer_tokens = sum(batch.answer_tokens for batch in batches)

@@ -1,0 +1,53 @@
+"""A plan applied to a model dispatched by accelerate (hooks that load offloaded weights per
+call, from CPU memory or from disk) gives the plain model's logits and skip counts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import modes
+from modes.loading import input_device
+
+accelerate = pytest.importorskip("accelerate")
+
+
+def offloaded(model, how: str, folder):
+    twin = copy.deepcopy(model)
+    if how == "cpu":
+        return accelerate.cpu_offload(twin, execution_device=torch.device("cpu"))
+    return accelerate.disk_offload(twin, offload_dir=str(folder), execution_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("how", ["cpu", "disk"])
+def test_offloaded_model_skips_exactly_like_the_plain_one(bundled, how, tmp_path):
+    model, processor = bundled
+    samples = modes.load_samples(split="test", limit=8)
+    info = modes.model_info(model)
+    plan = modes.SkipPlan(
+        {layer: {"text": 1 / 6, "visual": 1 / 6} for layer in info.moe_layers},
+        {"text": 0.01, "visual": 0.01},
+        model=info,
+        special_token_ids=processor.tokenizer.all_special_ids,
+    )
+    from modes.data.encoding import encode_prompts
+
+    inputs = encode_prompts(processor, [s for s in samples if s.image is not None][:4])
+    dispatched = offloaded(model, how, tmp_path)
+    assert any(p.device.type == "meta" for p in dispatched.parameters())  # weights really offloaded
+    assert input_device(dispatched).type == "cpu"
+    with torch.no_grad(), modes.applied(model, plan):
+        expected = model(**inputs).logits
+        expected_stats = modes.skip_stats(model)
+    with torch.no_grad(), modes.applied(dispatched, plan):
+        got = dispatched(**inputs).logits
+        got_stats = modes.skip_stats(dispatched)
+    assert 0 < got_stats["ratio"] < 1
+    assert got_stats == expected_stats
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    report = modes.evaluate(dispatched, processor, samples, plan=plan, progress=False)
+    assert (
+        report["answers"] == modes.evaluate(model, processor, samples, plan=plan, progress=False)["answers"]
+    )

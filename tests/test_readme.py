@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,7 @@ def run(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_readme_has_the_blocks_this_file_runs():
     assert len(PYTHON_BLOCKS) == 2
-    assert {c.split()[0] for c in COMMANDS} == {"pip", "modes", "python", "lmms-eval"}
+    assert {c.split()[0] for c in COMMANDS} == {"pip", "modes", "python", "lmms-eval", "torchrun"}
 
 
 def test_first_python_example_runs_as_written(tmp_path, monkeypatch):
@@ -92,3 +95,20 @@ def test_lmms_eval_command_names_the_adapter_and_its_arguments():
         assert argv[argv.index("--model") + 1] == "modes"
         model_args = dict(pair.split("=", 1) for pair in argv[argv.index("--model_args") + 1].split(","))
         assert set(model_args) <= accepted, set(model_args) - accepted
+
+
+def test_torchrun_commands_run_in_order(tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # `torchrun`, free port
+    for command in [c for c in COMMANDS if c.startswith("torchrun ")]:
+        argv = shlex.split(command)[1:]
+        subcommand = argv[argv.index("modes") + 1]
+        finished = subprocess.run(
+            [*launcher, *argv, *SMALL[subcommand]],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
+        assert finished.returncode == 0, (command, finished.stderr[-2000:])

@@ -199,7 +199,7 @@ def test_targets_of_one_run_share_the_search_points(small_vlm, tmp_path):
     samples = modes.load_samples(split="calibration", limit=8)
     importance = modes.calibrate(model, processor, samples, batch_size=8, progress=False)
     grid = modes.GridSpec.covering(importance.max_alphas(), size=6)
-    kwargs = dict(grid=grid, batch_size=8, progress=False, cache=tmp_path / "cache.jsonl")
+    kwargs = dict(grid=grid, batch_size=8, progress=False, cache=tmp_path / "cache.jsonl", gammas=(1.0,))
     first = modes.search(model, processor, samples, importance, 0.6, **kwargs)
     second = modes.search(model, processor, samples, importance, 0.7, **kwargs)
     reused = [p for p in first.points if p in second.points]

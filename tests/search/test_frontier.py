@@ -9,7 +9,7 @@ import pytest
 import modes
 from modes.calibration import calibrate
 from modes.search import GridSpec, SearchBudgetError, TargetUnreachableError, search
-from modes.search.frontier import SearchPoint, exhaustive, frontier_walk, scan_one
+from modes.search.frontier import DEFAULT_GAMMAS, SearchPoint, exhaustive, frontier_walk, scan_one
 
 
 def monotone_surface(size: int, seed: int):
@@ -71,7 +71,7 @@ def calibrated(small_vlm):
 
 def test_frontier_and_exhaustive_agree_on_a_model(calibrated):
     model, processor, samples, importance, grid = calibrated
-    kwargs = dict(grid=grid, batch_size=8, progress=False)
+    kwargs = dict(grid=grid, batch_size=8, progress=False, gammas=(1.0,))  # the walk for one set of alphas
     frontier = search(model, processor, samples, importance, 0.5, **kwargs)
     full = search(model, processor, samples, importance, 0.5, method="exhaustive", **kwargs)
     assert frontier.best.index == full.best.index
@@ -91,9 +91,26 @@ def test_interrupted_search_resumes_without_recomputing(calibrated, tmp_path):
     uninterrupted = search(
         model, processor, samples, importance, 0.5, grid=grid, batch_size=8, progress=False
     )
-    assert resumed.evaluations == uninterrupted.evaluations - 3
+    assert resumed.evaluations == uninterrupted.evaluations - 3  # across every gamma
     assert resumed.best == uninterrupted.best
+    assert resumed.plan == uninterrupted.plan
     again = search(model, processor, samples, importance, 0.5, **kwargs)
     assert again.evaluations == 0
-    with pytest.raises(ValueError, match="other arguments"):
-        search(model, processor, samples[:8], importance, 0.5, **kwargs)
+    other = search(model, processor, samples[:8], importance, 0.5, **kwargs)  # its own lines, no mix
+    fresh = search(model, processor, samples[:8], importance, 0.5, grid=grid, batch_size=8, progress=False)
+    assert other.best == fresh.best and other.evaluations == fresh.evaluations
+
+
+def test_tempered_search_keeps_the_gamma_of_least_calibration_kl(calibrated):
+    model, processor, samples, importance, grid = calibrated
+    kwargs = dict(batch_size=8, progress=False, grid=grid.size)
+    tempered = search(model, processor, samples, importance, 0.5, **kwargs)
+    by_gamma = tempered.plan.provenance["calibration_kl_by_gamma"]
+    assert set(by_gamma) == {str(g) for g in DEFAULT_GAMMAS}
+    assert tempered.best.f == min(by_gamma.values())
+    gamma = tempered.plan.provenance["tempered_gamma"]
+    alone = search(model, processor, samples, importance, 0.5, gammas=(gamma,), **kwargs)
+    assert alone.plan.thresholds == tempered.plan.thresholds and alone.best.f == tempered.best.f
+    published = search(model, processor, samples, importance, 0.5, gammas=(1.0,), **kwargs)
+    assert published.plan.importance == importance.alphas  # gamma 1: MoDES's own alphas, untouched
+    assert published.best.f == by_gamma["1.0"] >= tempered.best.f

@@ -145,8 +145,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def _grid(args: argparse.Namespace, importance: Any) -> Any:
+    """``--grid-*``: a covering grid of that size for each gamma, or a fixed `GridSpec` (a linear
+    covering grid of MoDES's own alphas covers every tempered set too: tempering lowers the
+    largest alpha)."""
     from modes.search.grid import GridSpec
 
+    if args.grid_x_max == "auto" and args.grid_mapping == "sigmoid":
+        return args.grid_size
     if args.grid_x_max == "auto":
         return GridSpec.covering(importance.max_alphas(), size=args.grid_size, mapping=args.grid_mapping)
     return GridSpec(size=args.grid_size, mapping=args.grid_mapping)
@@ -172,11 +177,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_evaluations=args.max_evaluations,
         target_of=args.target_of,
+        gammas=_resolved_gammas(args.gamma),
     )
     best = result.best
     thresholds = ", ".join(f"tau_{m}={t:.5f}" for m, t in best.thresholds.items())
+    gamma = result.plan.provenance["tempered_gamma"]
     print(
-        f"target {args.target:.2f} of the {args.target_of} slots: {thresholds}; calibration skip ratio "
+        f"target {args.target:.2f} of the {args.target_of} slots: gamma {gamma:g}, {thresholds}; "
+        "calibration skip ratio "
         f"{best.g_skippable:.4f} of the skippable slots, {best.g:.4f} of all; KL {best.f:.5f}; "
         f"{len(result.points)} points evaluated ({result.evaluations} new)"
     )
@@ -280,7 +288,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         args.grid_size,
         args.batch_size,
         target_of=args.target_of,
-        cache_dir=out.parent / "cache",
+        cache=out.with_suffix(".cache.jsonl"),
     )
     markdown = compare_markdown(report)
     print(markdown)
@@ -366,6 +374,37 @@ def _add_target_of(parser: argparse.ArgumentParser) -> None:
         default="skippable",
         help="targets are shares of the skippable slots (text and media tokens, like k' of k experts) "
         "or of all slots (special tokens, never skipped, included)",
+    )
+
+
+def _gammas(text: str) -> tuple[float, ...]:
+    if text == "auto":
+        return (
+            0.0,
+            0.25,
+            0.5,
+            0.75,
+            1.0,
+        )  # modes.search.frontier.DEFAULT_GAMMAS (not imported: --help stays light)
+    try:
+        return (float(text),)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from error
+
+
+def _resolved_gammas(gamma: str | tuple[float, ...]) -> tuple[float, ...]:
+    from modes.search.frontier import DEFAULT_GAMMAS
+
+    return DEFAULT_GAMMAS if gamma == "auto" else gamma
+
+
+def _add_gamma(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gamma",
+        type=_gammas,
+        default="auto",
+        help="alpha exponent of the scores: auto picks 0 (DMT only), .25, .5, .75 or 1 (MoDES as published) "
+        "by calibration KL; a number searches that one",
     )
 
 
@@ -466,6 +505,7 @@ def _add_search_command(commands: Any) -> None:
     )
     _add_target_of(search)
     _add_grid(search, grid_size=100, x_max="auto")
+    _add_gamma(search)
     search.add_argument(
         "--method",
         choices=["frontier", "exhaustive"],
@@ -500,6 +540,7 @@ def _add_demo_command(commands: Any) -> None:
     demo.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
     demo.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
     demo.add_argument("--grid-size", type=int, default=24, help="D, thresholds per modality")
+    _add_gamma(demo)
     demo.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     demo.add_argument(
         "--out-dir", default="runs/demo", help="where importance, plans, plots and demo.json go"

@@ -41,8 +41,7 @@ from modes.evaluation.fidelity import fidelity
 from modes.loading import input_device
 from modes.plan import SkipPlan
 from modes.policies import DiepConfig, KReductionConfig, McMoeConfig, NaeeConfig, PolicyConfig
-from modes.search.frontier import TargetOf, search, search_tempered
-from modes.search.grid import GridSpec
+from modes.search.frontier import DEFAULT_GAMMAS, TargetOf, search
 
 __all__ = ["METHODS", "calibrate_method", "compare"]
 
@@ -60,7 +59,6 @@ METHODS = (
     "diep",
     "k_reduction",
 )
-TEMPER_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -74,7 +72,7 @@ class Setting:
     grid_size: int
     batch_size: int
     target_of: TargetOf = "skippable"
-    cache_dir: Path | None = None
+    cache: Path | None = None  # one file for every search of the comparison (keyed lines)
 
     @cached_property
     def batches(self) -> list[CalibrationBatch]:
@@ -103,26 +101,15 @@ class Setting:
 
     @property
     def search_options(self) -> dict[str, Any]:
-        cache = self.cache_dir
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)  # one file per fingerprint inside
-        options = dict(batch_size=self.batch_size, cache=cache, progress=False, target_of=self.target_of)
-        return options
+        return dict(batch_size=self.batch_size, cache=self.cache, progress=False, target_of=self.target_of)
 
 
-def _searched_plan(setting: Setting, importance: Importance, target: float, tied: bool) -> SkipPlan:
-    scores = importance.max_alphas()
-    grid = GridSpec.covering(scores if not tied else {"text": max(scores.values())}, size=setting.grid_size)
+def _searched_plan(
+    setting: Setting, importance: Importance, target: float, tied: bool, gammas: Sequence[float] = (1.0,)
+) -> SkipPlan:
     model, processor, samples = setting.model, setting.processor, setting.calibration
-    return search(
-        model, processor, samples, importance, target, grid=grid, tied=tied, **setting.search_options
-    ).plan
-
-
-def _tempered(setting: Setting, target: float) -> SkipPlan:
-    model, processor, samples = setting.model, setting.processor, setting.calibration
-    options = dict(gammas=TEMPER_GAMMAS, grid_size=setting.grid_size, **setting.search_options)
-    return search_tempered(model, processor, samples, setting.importance, target, **options).plan
+    options = dict(grid=setting.grid_size, tied=tied, gammas=gammas, **setting.search_options)
+    return search(model, processor, samples, importance, target, **options).plan
 
 
 def _partial(setting: Setting, target: float) -> SkipPlan:
@@ -163,7 +150,7 @@ CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
     "modes_release_alphas": lambda s, t: _searched_plan(
         s, dataclasses.replace(s.release_importance, semantics="modes"), t, tied=False
     ),
-    "modes_tempered": _tempered,
+    "modes_tempered": lambda s, t: _searched_plan(s, s.importance, t, tied=False, gammas=DEFAULT_GAMMAS),
     "modes_partial": _partial,
     "dmt": lambda s, t: _searched_plan(s, s.importance.tempered(0.0), t, tied=False),
     "gmlg": lambda s, t: _searched_plan(s, s.importance, t, tied=True),
@@ -220,19 +207,19 @@ def compare(
     grid_size: int = 24,
     batch_size: int = 32,
     target_of: TargetOf = "skippable",
-    cache_dir: str | Path | None = None,
+    cache: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (with its binomial standard error), relative accuracy, realised ratios and the
     calibration KL (answer-token KL on ``calibration``, the same measure for every method) of
     every method at every target, each method calibrated on ``calibration`` and evaluated on
     ``test``. Targets are shares of the skippable slots (like k' of k experts) unless
-    ``target_of="all"``. Search points are cached per method in ``cache_dir`` (shared across
-    targets, resumable)."""
+    ``target_of="all"``. Search points go to ``cache`` (one file; searches with the same alphas
+    share points, across targets and methods; a rerun resumes)."""
     unknown = sorted(set(methods) - set(CALIBRATORS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(CALIBRATORS)}")
-    cache = Path(cache_dir) if cache_dir else None
+    cache = Path(cache) if cache else None
     setting = Setting(model, processor, calibration, importance, grid_size, batch_size, target_of, cache)
     baseline = evaluate(model, processor, test, batch_size=batch_size, progress=False)
     rows = []

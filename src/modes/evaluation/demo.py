@@ -10,8 +10,7 @@ from typing import Any
 from modes.calibration.importance import Importance, calibrate
 from modes.data.sample import Sample
 from modes.evaluation.evaluate import evaluate
-from modes.search.frontier import SearchResult, TargetOf, search
-from modes.search.grid import GridSpec
+from modes.search.frontier import DEFAULT_GAMMAS, SearchResult, TargetOf, search
 
 __all__ = ["DemoResult", "demo"]
 
@@ -34,6 +33,7 @@ class DemoResult:
                     "target": target,
                     "target_of": self.target_of,
                     "thresholds": result.plan.thresholds,
+                    "gamma": result.plan.provenance["tempered_gamma"],
                     "calibration_ratio": result.best.ratio(self.target_of),
                     "calibration_ratio_of_all_slots": result.best.g,
                     "test_ratio": report[
@@ -62,11 +62,11 @@ def demo(
     target_of: TargetOf = "skippable",
     cache: str | Path | None = None,
     progress: bool = True,
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
 ) -> DemoResult:
-    """Calibrate on ``calibration``, search every target on a grid covering every score (the
+    """Calibrate on ``calibration``, search every target on grids covering every score (the
     targets share the search points through one ``cache``), evaluate on ``test``."""
     importance = calibrate(model, processor, calibration, batch_size=batch_size, progress=progress)
-    grid = GridSpec.covering(importance.max_alphas(), size=grid_size)
     searches = {
         target: search(
             model,
@@ -74,11 +74,12 @@ def demo(
             calibration,
             importance,
             target,
-            grid=grid,
+            grid=grid_size,
             cache=cache,
             batch_size=batch_size,
             target_of=target_of,
             progress=progress,
+            gammas=gammas,
         )
         for target in targets
     }

@@ -31,13 +31,13 @@ from modes.plan import SkipPlan
 from modes.search.grid import GridSpec
 
 __all__ = [
+    "DEFAULT_GAMMAS",
     "SearchBudgetError",
     "SearchPoint",
     "SearchResult",
     "TargetUnreachableError",
     "frontier_walk",
     "search",
-    "search_tempered",
     "unreachable_message",
 ]
 
@@ -194,42 +194,41 @@ def unreachable_message(target: float, of: TargetOf, corner: SearchPoint) -> str
 
 # -- evaluating points on a model, with the resumable cache ------------------------------------
 class PointCache:
-    """Append-only JSONL: a header with the search fingerprint, then one evaluated point per line.
-
-    ``path`` may be an existing directory: the file in it is then named by the fingerprint, so
-    every search with the same importance, samples and grid shares one file, whatever asked.
-    """
+    """Append-only JSONL of evaluated points, resumable: each search (model, importance, samples,
+    grid: its fingerprint) writes a header line with its key, then one line per point it
+    evaluates, tagged with that key. Several searches share one file without mixing: targets
+    of one run reuse each other's points, the gammas of a tempered search keep their own."""
 
     def __init__(self, path: str | Path | None, fingerprint: dict[str, Any]):
         self.path = Path(path) if path else None
-        if self.path is not None and self.path.is_dir():
-            digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-            self.path = self.path / f"search-{digest[:16]}.jsonl"
         self.fingerprint = fingerprint
+        self.key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         self.points: dict[Index, SearchPoint] = {}
-        if self.path is not None and self.path.exists() and self.path.stat().st_size:
-            self._load()
-        elif self.path is not None:
+        if self.path is None:
+            return
+        known = self._load() if self.path.exists() else False
+        if not known:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"fingerprint": fingerprint})
+            self._append({"key": self.key, "fingerprint": fingerprint})
 
-    def _load(self) -> None:
-        lines = self.path.read_text().splitlines()
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                f"search cache {self.path} was written by a search with other arguments "
-                "(model, importance, samples or grid); delete it or pass another --cache"
-            )
-        for line in lines[1:]:
+    def _load(self) -> bool:
+        """This search's points from the file; whether its header is there."""
+        known = False
+        for line in self.path.read_text().splitlines():
             try:
                 data = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by an interruption: that point is recomputed
+            if data.get("key") != self.key:
+                continue  # another search's (or an older format's) line
+            if "fingerprint" in data:
+                known = True
+                continue
             point = SearchPoint(
                 tuple(data["index"]), data["thresholds"], data["f"], data["g"], data["g_skippable"]
             )
             self.points[point.index] = point
+        return known
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -240,7 +239,7 @@ class PointCache:
     def add(self, point: SearchPoint) -> None:
         self.points[point.index] = point
         if self.path is not None:
-            self._append(point.to_json())
+            self._append({"key": self.key, **point.to_json()})
 
 
 class PointEvaluator:
@@ -294,13 +293,16 @@ class PointEvaluator:
         return kl / self.answer_tokens, stats["ratio"], stats["skippable_ratio"]
 
 
+DEFAULT_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def search(
     model: Any,
     processor: Any,
     samples: Sequence[Sample],
     importance: Importance,
     target: float,
-    grid: GridSpec | None = None,
+    grid: GridSpec | int | None = None,
     method: Literal["frontier", "exhaustive"] = "frontier",
     modalities: Sequence[str] | None = None,
     cache: str | Path | None = None,
@@ -310,25 +312,78 @@ def search(
     tied: bool = False,
     progress: bool = True,
     target_of: TargetOf = "skippable",
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
 ) -> SearchResult:
     """Thresholds that reach skip ratio ``target`` on ``samples`` with the least answer KL.
+
+    Tempered GMLG: the scores use alphas ``importance.tempered(gamma)`` (alpha^gamma,
+    renormalised) for each gamma of ``gammas``, each searched on its own, and the result of
+    least calibration KL is kept. gamma = 0 is DMT only (uniform alphas), 1 is MoDES as
+    published, so the choice nests both and is made on ``samples`` alone; ``gammas=(1.0,)``
+    searches MoDES's own alphas only. ``result.evaluations`` counts the points computed for
+    every gamma.
 
     ``target_of``: ``"skippable"`` (default) reads the target as a share of the slots of
     skippable tokens, like the paper's k' of k experts; ``"all"`` as a share of all slots,
     special tokens (never skipped) included. The grid's largest thresholds are evaluated first,
     so an unreachable target fails after one evaluation, naming what caps it. ``tied=True``
-    searches one threshold shared by every modality (the single-tau ablations). The default
-    ``grid`` (100 points per modality, the release's sigmoid mapping) reaches up to a tau that
-    skips every skippable slot, whatever the model's depth; ``GridSpec()`` is the release's own
-    grid, tuned for 48-layer models. Points go to
-    ``cache`` as they are computed: a rerun resumes, and searches for other targets with the
-    same importance, samples and grid reuse them.
+    searches one threshold shared by every modality (the single-tau ablations). ``grid``: a
+    `GridSpec`, or the points per modality of a grid (release's sigmoid mapping) whose largest
+    tau skips every skippable slot for each gamma, whatever the model's depth (default 100);
+    ``GridSpec()`` is the release's own grid, tuned for 48-layer models. Points go to ``cache`` as they are
+    computed: a rerun resumes, and searches for other targets with the same importance,
+    samples and grid reuse them.
     """
+    if not gammas:
+        raise ValueError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
+    results: dict[float, SearchResult] = {}
+    budget = max_evaluations
+    for gamma in gammas:
+        alphas = importance if gamma == 1 else importance.tempered(gamma)
+        results[gamma] = _search_alphas(
+            model, processor, samples, alphas, target, _grid_for(grid, alphas, tied),
+            method, modalities, cache, batch_size, budget, special_token_ids, tied, progress, target_of,
+        )  # fmt: skip
+        budget = None if budget is None else budget - results[gamma].evaluations
+    gamma, best = min(results.items(), key=lambda item: item[1].best.f)
+    best.plan.provenance.update(
+        tempered_gamma=gamma, calibration_kl_by_gamma={str(g): r.best.f for g, r in results.items()}
+    )
+    best.evaluations = sum(result.evaluations for result in results.values())
+    return best
+
+
+def _grid_for(grid: GridSpec | int | None, importance: Importance, tied: bool) -> GridSpec:
+    """``grid`` itself, or a grid of that size whose largest tau skips every skippable slot."""
+    if isinstance(grid, GridSpec):
+        return grid
+    scores = importance.max_alphas()
+    return GridSpec.covering({"text": max(scores.values())} if tied else scores, size=grid or 100)
+
+
+def _search_alphas(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    importance: Importance,
+    target: float,
+    grid: GridSpec,
+    method: Literal["frontier", "exhaustive"],
+    modalities: Sequence[str] | None,
+    cache: str | Path | None,
+    batch_size: int,
+    max_evaluations: int | None,
+    special_token_ids: Sequence[int] | None,
+    tied: bool,
+    progress: bool,
+    target_of: TargetOf,
+) -> SearchResult:
+    """The frontier search of `search` for one set of alphas."""
+
     if not 0.0 < target < 1.0:
         raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
     if target_of not in TARGET_OF:
         raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
-    grid = grid or GridSpec.covering(importance.max_alphas())
     searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")
@@ -454,34 +509,6 @@ def _walk(
     return frontier_walk(evaluate, size, target, ratio)
 
 
-def search_tempered(
-    model: Any,
-    processor: Any,
-    samples: Sequence[Sample],
-    importance: Importance,
-    target: float,
-    gammas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    grid_size: int = 100,
-    **options: Any,
-) -> SearchResult:
-    """Tempered GMLG: search with alphas ``importance.tempered(gamma)`` for each gamma, each on
-    a covering grid of ``grid_size`` points, and keep the result of least calibration KL f at
-    the target. gamma = 0 is DMT only (uniform alphas), 1 is MoDES, so the choice nests both and
-    is made on ``samples`` alone. ``options`` go to `search` (give ``cache`` a directory: each
-    gamma's points then keep a file of their own)."""
-    results = {}
-    for gamma in gammas:
-        tempered = importance.tempered(gamma)
-        grid = GridSpec.covering(tempered.max_alphas(), size=grid_size)
-        results[gamma] = search(model, processor, samples, tempered, target, grid=grid, **options)
-    gamma, best = min(results.items(), key=lambda item: item[1].best.f)
-    best.plan.provenance.update(
-        tempered_gamma=gamma,
-        calibration_kl_by_gamma={str(g): result.best.f for g, result in results.items()},
-    )
-    return best
-
-
 def _fingerprint(
     importance: Importance, samples: Sequence[Sample], grid: GridSpec, searched, special_ids
 ) -> dict[str, Any]:
@@ -497,5 +524,5 @@ def _fingerprint(
         "modalities": list(searched),
         "special_ids": sorted(special_ids),
         "semantics": importance.semantics,
-        "cache_format": 2,  # points carry g over the skippable slots too
+        "cache_format": 3,  # keyed lines; points carry g over the skippable slots too
     }

@@ -9,6 +9,7 @@ the PIL image processor and no video half: images and text work, videos raise.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,32 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, processor) in eval mode: the bundled model by default, else any local or hub
     checkpoint. ``placement`` goes to ``from_pretrained`` (``device_map``, ``max_memory``,
-    ``offload_folder``: accelerate dispatches models larger than one device; under torchrun
-    give each rank its own GPUs through ``max_memory``)."""
+    ``offload_folder``: accelerate dispatches models larger than one device). Under torchrun
+    with ``device_map`` and no ``max_memory``, each rank takes its own block of the node's GPUs
+    (`modes.parallel.gpus_of_rank`)."""
+    if placement.get("device_map") is not None and "max_memory" not in placement:
+        placement["max_memory"] = _rank_max_memory()
     path = bundled_model_path() if name_or_path is None else name_or_path
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **placement)
     except ValueError:  # text-only MoE checkpoints have no image-text-to-text class
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     return model.eval(), load_processor(path)
+
+
+def _rank_max_memory() -> dict[Any, Any] | None:
+    """max_memory keeping this rank on its own GPUs (None: one process, or no GPU)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world <= 1 or not torch.cuda.is_available():
+        return None
+    from modes.parallel import gpus_of_rank
+
+    mine = gpus_of_rank(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    memory = {
+        gpu: (torch.cuda.mem_get_info(gpu)[1] if gpu in mine else 0)
+        for gpu in range(torch.cuda.device_count())
+    }
+    return memory
 
 
 def input_device(model: Any) -> torch.device:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "Ranks", "ranks"]
+__all__ = ["DistributedError", "Ranks", "gpus_of_rank", "ranks"]
 
 T = TypeVar("T")
 
@@ -117,3 +117,18 @@ def ranks() -> Ranks:
             "process would do the whole job alone; start the group with the launcher's environment"
         )
     return Ranks(dist.get_rank(), world)
+
+
+def gpus_of_rank(gpus: int, local_rank: int, local_world: int) -> list[int]:
+    """The GPUs of one node that a rank dispatches its model over: the node's ``gpus`` split
+    into ``local_world`` contiguous blocks (a rank with no whole GPU shares one, round robin).
+    ``modes.load_model(path, device_map="auto", max_memory=...)`` with the other GPUs at 0
+    keeps each rank on its own block."""
+    if gpus < 1 or not 0 <= local_rank < local_world:
+        raise ValueError(
+            f"need gpus >= 1 and 0 <= local_rank < local_world, got {gpus}, {local_rank}, {local_world}"
+        )
+    if gpus < local_world:
+        return [local_rank % gpus]
+    per_rank = gpus // local_world
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))

@@ -19,19 +19,14 @@ from modes.parallel import ranks
 
 def scenario(model, processor, calibration, test, batch_size: int, cache: Path) -> dict:
     importance = modes.calibrate(model, processor, calibration, batch_size=batch_size, progress=False)
-    grid = modes.GridSpec.covering(importance.max_alphas(), size=5)
-    result = modes.search(
-        model,
-        processor,
-        calibration,
-        importance,
-        0.5,
-        grid=grid,
-        batch_size=batch_size,
-        cache=cache,
-        progress=False,
-    )
+    options = dict(grid=5, batch_size=batch_size, cache=cache, progress=False, gammas=(0.5, 1.0))
+    result = modes.search(model, processor, calibration, importance, 0.5, **options)
     report = modes.evaluate(model, processor, test, plan=result.plan, batch_size=batch_size, progress=False)
+    methods = ["modes", "naee", "k_reduction"]
+    compared = modes.compare(
+        model, processor, calibration, test, importance, [0.5], methods, grid_size=4, batch_size=batch_size,
+        progress=False,
+    )  # fmt: skip
     return {
         "alphas": {str(k): v for k, v in importance.alphas.items()},
         "raw_kl": {str(k): v for k, v in importance.raw_kl.items()},
@@ -44,6 +39,10 @@ def scenario(model, processor, calibration, test, batch_size: int, cache: Path) 
         "skip_ratio": report["skip_ratio"],
         "skip_stats": report["skip_stats"],
         "answers": report["answers"],
+        "compare": [
+            {k: v for k, v in row.items() if k != "plan"} | {"policy": row["plan"]["policy"]}
+            for row in compared["rows"]
+        ],
     }
 
 
@@ -51,13 +50,13 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     group = ranks()
     model, processor = modes.load_model()
-    calibration = modes.load_samples(split="calibration", limit=40)
+    calibration = modes.load_samples(split="calibration", limit=64)
     test = modes.load_samples(split="test", limit=40)
     with_images = [s for s in calibration if s.image is not None][:8]
     results = {
         "world": group.world,
-        # 40 mixed samples in batches of 8: an odd number of batches, split unevenly
-        "uneven": scenario(model, processor, calibration, test, 8, out / "cache_uneven"),
+        # 64 mixed samples in batches of 10: 7 batches, split unevenly (4 and 3)
+        "uneven": scenario(model, processor, calibration, test, 10, out / "cache_uneven"),
         # one batch for two ranks: rank 1 has nothing to do
         "empty": scenario(model, processor, with_images, with_images, 16, out / "cache_empty"),
     }

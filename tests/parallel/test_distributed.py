@@ -1,7 +1,8 @@
 """Two CPU processes (gloo, under torchrun) give what one process with one thread gives, bit
 for bit: alphas, raw KL and answer tokens; the search's plan, frontier and every point; the
-evaluation's answers, accuracy and slot counts; with an odd number of batches and with a rank
-that has no batch. Only rank 0 writes; an interrupted run resumes; the guard fires."""
+evaluation's answers, accuracy and slot counts; a comparison's rows; with an odd number of
+batches and with a rank that has no batch. Only rank 0 writes; an interrupted run resumes;
+an error on one rank reaches every rank; the guard fires."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from modes.parallel import DistributedError, Ranks, ranks
+from modes.parallel import DistributedError, Ranks, gpus_of_rank, ranks
 
 PIPELINE = Path(__file__).with_name("pipeline.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -100,3 +101,13 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     assert (
         "DistributedError: rank 1 failed: ValueError: rank 1 cannot read its batch" in finished.stderr
     )  # rank 0
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local_world", "expected"),
+    [(8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]), (8, 8, [[g] for g in range(8)]), (2, 4, [[0], [1], [0], [1]])],
+)
+def test_each_rank_dispatches_over_its_own_gpus(gpus, local_world, expected):
+    assert [gpus_of_rank(gpus, rank, local_world) for rank in range(local_world)] == expected
+    with pytest.raises(ValueError, match="local_rank"):
+        gpus_of_rank(gpus, local_world, local_world)

@@ -100,13 +100,15 @@ def plot_compare(report: dict, path: str | Path) -> Path:
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     methods = dict.fromkeys(row["method"] for row in report["rows"])
     base = report["baseline"]["accuracy"]
-    for method in methods:
+    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>pPX*h"
+    for number, method in enumerate(methods):
         rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["ratio"])
         axes.errorbar(
             [r["ratio"] for r in rows],
             [r["relative_accuracy"] for r in rows],
             yerr=[100 * r["accuracy_se"] / base for r in rows],
-            marker="o",
+            marker=markers[number % len(markers)],
+            color=colors[(2 * number) % 20 + (number // 10) % 2],
             capsize=2,
             label=method,
         )

@@ -65,6 +65,15 @@ def run(launcher: str, command: str, samples: int, importance: Path, out: Path) 
     return time.perf_counter() - start
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256)
@@ -96,7 +105,7 @@ def main() -> None:
             f"{command:10s} 1 process {one:6.1f} s, 2 ranks {two:6.1f} s: {one / two:.2f}x, identical: {same}"
         )
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
     }

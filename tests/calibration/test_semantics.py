@@ -83,7 +83,9 @@ def test_the_two_readings_differ_and_the_search_uses_the_calibrated_one(bundled,
     assert max(gaps) > 0.05
     loaded = modes.Importance.load(release.save(tmp_path / "importance.json"))
     assert loaded.semantics == "release"
-    result = modes.search(model, processor, samples, loaded, 0.5, batch_size=8, progress=False)
+    result = modes.search(
+        model, processor, samples, loaded, 0.5, grid=8, batch_size=8, progress=False, gammas=(1.0,)
+    )
     assert result.plan.provenance["semantics"] == "release"
 
 

@@ -196,41 +196,16 @@ def calibrate(
     if engine.is_patched(model):
         raise ValueError("calibrate an unpatched model (call modes.remove(model) first)")
     info = engine.model_info(model)
-    device = input_device(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     plan = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids), share=knockout)
-    target = plan.target
-    batches = prepare_batches(processor, samples, batch_size, device, semantics)
+    batches = prepare_batches(processor, samples, batch_size, input_device(model), semantics)
     with engine.applied(model, plan), contextlib.ExitStack() as hooks:
-        sites = engine.moe_sites(model)
         if semantics == "release":
-            for site in sites:
+            for site in engine.moe_sites(model):
                 hooks.callback(
                     site.module.register_forward_hook(_release_fill(plan.rules[site.layer])).remove
                 )
-        replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
-        group = ranks()
-        mine = group.share(batches)
-        allowed = spec_for(model.config.model_type).modalities
-        modalities = _modalities_present(model, [batch for _, batch in mine], allowed, group)
-        groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
-        total = len(mine) * len(info.moe_layers) * len(groups)
-        bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not (progress and group.is_main))
-
-        def my_passes() -> dict[int, dict[int, dict[str, float]]]:
-            with torch.no_grad():
-                return {
-                    index: _knockout_pass(model, batch, replay, target, info, groups, reuse_prefix, bar)
-                    for index, batch in mine
-                }
-
-        per_batch = group.gather(my_passes)  # every batch's KL sums, in global batch order
-        bar.close()
-    sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
-    for by_layer in per_batch.values():
-        for layer, by_group in by_layer.items():
-            for name, kl in by_group.items():
-                sums[layer][name] += kl
+        modalities, sums = _knockout_sums(model, plan, batches, info, mode, reuse_prefix, progress)
     answer_tokens = sum(b.answer_tokens for b in batches)
     raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
     return Importance(
@@ -248,6 +223,45 @@ def calibrate(
         },
         semantics=semantics,
     )
+
+
+def _knockout_sums(
+    model: Any,
+    plan: _KnockoutPlan,
+    batches: list[CalibrationBatch],
+    info: ModelInfo,
+    mode: AlphaMode,
+    reuse_prefix: bool,
+    progress: bool,
+) -> tuple[list[str], dict[int, dict[str, float]]]:
+    """The modalities present and, for each MoE layer and modality group, the KL summed over
+    every batch's answer tokens when the layer is knocked out for that group (each rank its
+    share of the batches, summed in global batch order)."""
+    sites = engine.moe_sites(model)
+    replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
+    group = ranks()
+    mine = group.share(batches)
+    allowed = spec_for(model.config.model_type).modalities
+    modalities = _modalities_present(model, [batch for _, batch in mine], allowed, group)
+    groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
+    total = len(mine) * len(info.moe_layers) * len(groups)
+    bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not (progress and group.is_main))
+
+    def my_passes() -> dict[int, dict[int, dict[str, float]]]:
+        with torch.no_grad():
+            return {
+                index: _knockout_pass(model, batch, replay, plan.target, info, groups, reuse_prefix, bar)
+                for index, batch in mine
+            }
+
+    per_batch = group.gather(my_passes)  # every batch's KL sums, in global batch order
+    bar.close()
+    sums = {layer: dict.fromkeys(groups, 0.0) for layer in info.moe_layers}
+    for by_layer in per_batch.values():
+        for layer, by_group in by_layer.items():
+            for name, kl in by_group.items():
+                sums[layer][name] += kl
+    return modalities, sums
 
 
 def _knockout_pass(

@@ -11,7 +11,7 @@ import modes
 
 PACKAGE = Path(modes.__file__).parent
 LAYERS = [  # each may import only from the layers before it
-    {"errors", "io", "adapters", "parallel"},
+    {"errors", "io", "adapters", "parallel", "routing"},
     {"data", "loading"},
     {"engine"},
     {"policies"},

@@ -19,7 +19,7 @@ LAYERS = [  # each may import only from the layers before it
     {"calibration"},
     {"search"},
     {"evaluation"},
-    {"bundled"},
+    {"bundled", "serving"},
     {"cli"},
 ]
 

@@ -6,6 +6,7 @@
   demo       calibrate, search, evaluate: the whole pipeline on one model
   compare    MoDES, its ablations and baselines at matched skip ratios
   bench      prefill latency and decode tokens/s with and without a plan
+  serve      an OpenAI-compatible server (transformers serve) with a plan applied
 
 Every command runs on the bundled model by default (--model: any local or hub checkpoint).
 Targets are shares of the skippable slots (text and media tokens; special tokens are never
@@ -297,6 +298,24 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _plot("plot_compare", report, out.with_suffix(".png"))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from modes.serving import serve
+
+    _plan(args.plan)  # checked before the model loads
+    if args.model is not None and _looks_local(args.model) and not Path(args.model).exists():
+        raise UserError(f"--model {args.model} does not exist")
+    print(f"serving {args.name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    serve(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        plan=args.plan,
+        execution=_options(args).execution,
+        continuous_batching=args.continuous_batching,
+        name=args.name,
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
@@ -468,7 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(commands)
     _add_bench_command(commands)
     _add_compare_command(commands)
+    _add_serve_command(commands)
     return parser
+
+
+def _add_serve_command(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible server with a plan applied", formatter_class=HELP
+    )
+    _add_model(serve)
+    serve.add_argument("--plan", default=None, help="plan JSON (default: the unskipped model)")
+    serve.add_argument("--name", default="modes", help="the model name clients send")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="transformers' continuous batching (paged attention)",
+    )
+    _add_cpu_paths(serve)
+    serve.set_defaults(run=cmd_serve)
 
 
 def _add_calibrate_command(commands: Any) -> None:

@@ -10,12 +10,15 @@ import io
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import modes
 from modes.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +57,7 @@ def run(code: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_readme_has_the_blocks_this_file_runs():
     assert len(PYTHON_BLOCKS) == 2
     assert {c.split()[0] for c in COMMANDS} == {"pip", "modes", "python", "lmms-eval", "torchrun"}
+    assert any(c.startswith("modes serve") for c in COMMANDS)
 
 
 def test_first_python_example_runs_as_written(tmp_path, monkeypatch):
@@ -73,7 +77,7 @@ def test_pipeline_example_runs_as_written(tmp_path, monkeypatch):
 
 def test_modes_commands_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for command in [c for c in COMMANDS if c.startswith("modes ")]:
+    for command in [c for c in COMMANDS if c.startswith("modes ") and not c.startswith("modes serve")]:
         argv = shlex.split(command)[1:]
         assert main(argv + SMALL[argv[0]]) == 0, command
 
@@ -112,3 +116,35 @@ def test_torchrun_commands_run_in_order(tmp_path):
             text=True,
         )
         assert finished.returncode == 0, (command, finished.stderr[-2000:])
+
+
+def test_serve_command_answers_the_openai_client(tmp_path, bundled):
+    """`modes serve` as written (on a free port), once the pipeline's plan exists."""
+    openai = pytest.importorskip("openai")
+    model = bundled[0]
+    info = modes.model_info(model)
+    modes.SkipPlan({layer: {"text": 0.2} for layer in info.moe_layers}, {"text": 0.01}, model=info).save(
+        tmp_path / "plan.json"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (command,) = [c for c in COMMANDS if c.startswith("modes serve")]
+    argv = [sys.executable, "-m", "modes", *shlex.split(command)[1:], "--port", str(port)]
+    server = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.time() + 120
+        while True:
+            try:
+                answer = client.chat.completions.create(
+                    model="modes", messages=[{"role": "user", "content": "what is 2 plus 3 ?"}], max_tokens=4
+                )
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        assert answer.choices[0].message.content.strip() == "5"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -206,7 +206,9 @@ def test_continuous_batching_gives_the_sequential_answers(bundled, tmp_path):
         with ThreadPoolExecutor(max_workers=6) as pool:
             together = list(pool.map(batched.ask, questions))
         assert together == [sequential.ask(q) for q in questions]
-        assert 0 < batched.get("/v1/modes/stats")["ratio"] < 1
+        packed, alone = batched.get("/v1/modes/stats"), sequential.get("/v1/modes/stats")
+        assert 0 < packed["ratio"] < 1
+        assert packed["per_modality"] == alone["per_modality"]  # the same skip decisions, token by token
     finally:
         batched.stop()
         sequential.stop()

@@ -212,3 +212,12 @@ def test_continuous_batching_gives_the_sequential_answers(bundled, tmp_path):
     finally:
         batched.stop()
         sequential.stop()
+
+
+def test_streamed_answers_equal_whole_ones(server, samples):
+    for sample in samples[:4]:
+        stream = server.client.chat.completions.create(
+            model="modes", messages=[message(sample)], max_tokens=4, stream=True
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed.strip() == server.ask(sample)

@@ -7,8 +7,8 @@ gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in b
 streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
 picks by default) and disabled (ATen's own kernels), by oneDNN on weights packed once
-(``modes.apply(..., pack_weights=True)``), and by modes' compiled kernel in one call over all
-experts (``cpu_kernel=True``, where it builds). The passes are interleaved round by round;
+(``execution="packed"``), and by modes' compiled kernel in one call over all
+experts (``execution="compiled"``, where it builds). The passes are interleaved round by round;
 medians after one warm-up round; the process keeps the memory it frees (`choose_allocator`).
 This explains the block benchmark: the bf16 GEMV choice of modes' expert loop, why prefill with
 a few kept rows per expert falls short of the ideal speedup on oneDNN (its kernels, not the

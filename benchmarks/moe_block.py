@@ -4,7 +4,7 @@
 
 Per shape, dtype and token count: the transformers default experts implementation with no
 skipping, then the modes wrapper at each skip ratio, on the module's weights and (``packed_*``
-fields) with oneDNN-packed copies of them (``modes.apply(..., pack_weights=True)``). Skips
+fields) with oneDNN-packed copies of them (``execution="packed"``). Skips
 follow the MoDES rule (a score threshold on softmax-top-k router weights from a random router,
 alpha constant), with the threshold set to the score quantile that gives the ratio. Every
 configuration is called once per round, in turn, after warm-up; for prefill, times are

@@ -8,7 +8,7 @@ child processes under glibc's defaults and keeping freed memory
 (`modes.evaluation.allocator.retain_freed_memory`), alternating, 3 of each (medians over them).
 Each process times the call cold (64 MB read before it), medians of 5 after one warm-up, with
 nothing else held, then with oneDNN-packed copies of the weights resident
-(``pack_weights=True``), and again after freeing them; minor page faults per call alongside.
+(``execution="packed"``), and again after freeing them; minor page faults per call alongside.
 """
 
 from __future__ import annotations

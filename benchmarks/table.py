@@ -49,8 +49,8 @@ def loop_table(results: list[dict], ratio: float = 0.88) -> None:
 
 
 PATH_TITLES = {
-    "packed": "With oneDNN-packed expert weights (`execution="packed"`)",
-    "compiled": "On modes' compiled kernel (`execution="compiled"`)",
+    "packed": "With oneDNN-packed expert weights (`execution='packed'`)",
+    "compiled": "On modes' compiled kernel (`execution='compiled'`)",
 }
 
 

@@ -112,3 +112,25 @@ def test_apply_twice_replaces_and_models_do_not_share_state():
     modes.remove(first)
     with pytest.raises(ValueError, match="not patched"):
         modes.remove(first)
+
+
+def test_format_1_files_still_load():
+    """Plans written before policies were typed: MoDES fields at the top, baselines as method +
+    parameters."""
+    model = build(QWEN3_MOE)
+    info = modes.model_info(model)
+    modes_v1 = {
+        "format": "modes.SkipPlan", "format_version": 1, "model": info.to_json(),
+        "thresholds": {"text": 0.1}, "importance": {"0": {"text": 0.5}, "1": {"text": 0.5}},
+        "renormalize": False, "method": "modes", "parameters": {}, "target_ratio": 0.5,
+        "achieved_ratio": 0.49, "provenance": {"samples": 8},
+    }  # fmt: skip
+    plan = SkipPlan.from_json(modes_v1)
+    assert plan == plan_for(model)
+    naee_v1 = {**modes_v1, "thresholds": {}, "importance": {}, "method": "naee",
+               "parameters": {"beta": {"0": 0.3, "1": 0.3}, "scale": 2.0}}  # fmt: skip
+    naee = SkipPlan.from_json(naee_v1)
+    assert naee.policy == modes.policies.NaeeConfig({0: 0.3, 1: 0.3}, 2.0)
+    modes.apply(model, naee)
+    assert modes.engine.is_patched(model)
+    assert SkipPlan.from_json(naee.to_json()) == naee  # and written back as format 2

@@ -11,7 +11,6 @@ the ratio over the calls made while the request ran).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ class _Loaded:
 
     def __init__(self, path: str, plan: SkipPlan | None, options: ApplyOptions):
         self.path, self.plan, self.options = path, plan, options
-        self.lock = threading.Lock()
 
     def processor(self) -> Any:
         processor = load_processor(self.path)
@@ -54,9 +52,14 @@ def _match_response_template(processor: Any, path: str) -> None:
     """transformers' serve parses answers with a response template per model type that
     anchors on the assistant header as text ("<|im_start|>assistant\n"); a tokenizer whose
     decode spells the header otherwise (the bundled word-level one: "<|im_start|> assistant")
-    gets the same template anchored on its own spelling."""
+    gets the same template anchored on its own spelling. The table is transformers' own
+    (5.24); where it moved, nothing is changed."""
     from transformers import AutoConfig
-    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+
+    try:
+        from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+    except ImportError:
+        return
 
     tokenizer = getattr(processor, "tokenizer", processor)
     model_type = AutoConfig.from_pretrained(path).model_type

@@ -366,7 +366,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 # -- parser ----------------------------------------------------------------------------------
-HELP = argparse.ArgumentDefaultsHelpFormatter
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none to show (required
+    options, flags, None) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -380,7 +387,8 @@ def _add_data(parser: argparse.ArgumentParser, split: str, samples: int | None, 
         "--data", default=None, help="JSONL, parquet or dataset directory (default: bundled benchmark)"
     )
     parser.add_argument("--split", default=split, help="bundled benchmark split, or the dataset's split")
-    parser.add_argument("--samples", type=int, default=samples, help="use the first N samples (default: all)")
+    every = " (default: all)" if samples is None else ""
+    parser.add_argument("--samples", type=int, default=samples, help=f"use the first N samples{every}")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="samples per forward pass")
     for field in ("image", "question", "answer", "skill", "id"):
         parser.add_argument(f"--{field}-column", default=field, help=f"data column holding the {field}")

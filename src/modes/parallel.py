@@ -10,6 +10,7 @@ forever. Only rank 0 writes files and shows progress (`Ranks.is_main`).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ def ranks() -> Ranks:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # a group left to the interpreter's shutdown can abort the process ("terminate called
+        # without an active exception") after the work is done: close the one modes opened
+        atexit.register(_close_group)
     world = dist.get_world_size()
     if world != expected and "WORLD_SIZE" in os.environ:
         raise DistributedError(
@@ -117,6 +121,11 @@ def ranks() -> Ranks:
             "process would do the whole job alone; start the group with the launcher's environment"
         )
     return Ranks(dist.get_rank(), world)
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gpus_of_rank(gpus: int, local_rank: int, local_world: int) -> list[int]:

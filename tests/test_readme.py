@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import modes
 from modes.cli.main import main
+from plans import uniform_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -122,10 +122,7 @@ def test_serve_command_answers_the_openai_client(tmp_path, bundled):
     """`modes serve` as written (on a free port), once the pipeline's plan exists."""
     openai = pytest.importorskip("openai")
     model = bundled[0]
-    info = modes.model_info(model)
-    modes.SkipPlan({layer: {"text": 0.2} for layer in info.moe_layers}, {"text": 0.01}, model=info).save(
-        tmp_path / "plan.json"
-    )
+    uniform_plan(model, 0.01, modalities=("text",)).save(tmp_path / "plan.json")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

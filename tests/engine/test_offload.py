@@ -10,6 +10,7 @@ import torch
 
 import modes
 from modes.loading import input_device
+from plans import uniform_plan
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -25,13 +26,7 @@ def offloaded(model, how: str, folder):
 def test_offloaded_model_skips_exactly_like_the_plain_one(bundled, how, tmp_path):
     model, processor = bundled
     samples = modes.load_samples(split="test", limit=8)
-    info = modes.model_info(model)
-    plan = modes.SkipPlan(
-        {layer: {"text": 1 / 6, "visual": 1 / 6} for layer in info.moe_layers},
-        {"text": 0.01, "visual": 0.01},
-        model=info,
-        special_token_ids=processor.tokenizer.all_special_ids,
-    )
+    plan = uniform_plan(model, 0.01, processor.tokenizer.all_special_ids)
     from modes.data.encoding import encode_prompts
 
     inputs = encode_prompts(processor, [s for s in samples if s.image is not None][:4])

@@ -26,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from modes.evaluation.evaluate import generate_answers  # noqa: E402
 from modes.serving import build_app  # noqa: E402
+from plans import uniform_plan  # noqa: E402
 
 
 def free_port() -> int:
@@ -97,13 +98,7 @@ def samples():
 @pytest.fixture(scope="module")
 def plan_path(bundled, tmp_path_factory):
     model, processor = bundled
-    info = modes.model_info(model)
-    plan = modes.SkipPlan(
-        {layer: {"text": 1 / 6, "visual": 1 / 6} for layer in info.moe_layers},
-        {"text": 0.012, "visual": 0.012},
-        model=info,
-        special_token_ids=processor.tokenizer.all_special_ids,
-    )
+    plan = uniform_plan(model, 0.012, processor.tokenizer.all_special_ids)
     return plan.save(tmp_path_factory.mktemp("plan") / "plan.json")
 
 
@@ -170,10 +165,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, samples):
 
 
 def test_zero_thresholds_serve_the_unskipped_answers(bundled, samples, tmp_path):
-    model, _processor = bundled
-    info = modes.model_info(model)
-    zero = modes.SkipPlan({layer: {"text": 0.1, "visual": 0.1} for layer in info.moe_layers},
-                          {"text": 0.0, "visual": 0.0}, model=info).save(tmp_path / "zero.json")  # fmt: skip
+    zero = uniform_plan(bundled[0], 0.0).save(tmp_path / "zero.json")
     skipping, plain = Server(plan=zero), Server()
     try:
         assert [skipping.ask(s) for s in samples[:6]] == [plain.ask(s) for s in samples[:6]]

@@ -336,13 +336,22 @@ def search(
     """
     if not gammas:
         raise ValueError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
+    if target_of not in TARGET_OF:
+        raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    special_ids = list(special_token_ids or tokenizer.all_special_ids)
+    data = _CalibrationData.of(
+        model, processor, samples, batch_size, importance.semantics
+    )  # once: every gamma
     results: dict[float, SearchResult] = {}
     budget = max_evaluations
     for gamma in gammas:
         alphas = importance if gamma == 1 else importance.tempered(gamma)
         results[gamma] = _search_alphas(
-            model, processor, samples, alphas, target, _grid_for(grid, alphas, tied),
-            method, modalities, cache, batch_size, budget, special_token_ids, tied, progress, target_of,
+            model, samples, data, alphas, target, _grid_for(grid, alphas, tied),
+            method, modalities, cache, budget, special_ids, tied, progress, target_of,
         )  # fmt: skip
         budget = None if budget is None else budget - results[gamma].evaluations
     gamma, best = min(results.items(), key=lambda item: item[1].best.f)
@@ -361,42 +370,54 @@ def _grid_for(grid: GridSpec | int | None, importance: Importance, tied: bool) -
     return GridSpec.covering({"text": max(scores.values())} if tied else scores, size=grid or 100)
 
 
+@dataclass
+class _CalibrationData:
+    """This rank's share of the calibration batches, with the unskipped model's log-probs at
+    their KL positions, and the answer tokens of all of them: the same for every gamma."""
+
+    group: Ranks
+    mine: list[tuple[int, CalibrationBatch]]
+    answer_tokens: int
+
+    @classmethod
+    def of(
+        cls, model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, semantics: str
+    ) -> _CalibrationData:
+        group = ranks()
+        batches = prepare_batches(processor, samples, batch_size, input_device(model), semantics)
+        mine = group.share(batches)
+        with torch.no_grad():
+            for _, batch in mine:
+                batch.reference_logprobs = answer_logprobs(model, batch)
+        return cls(group, mine, sum(batch.answer_tokens for batch in batches))
+
+
 def _search_alphas(
     model: Any,
-    processor: Any,
     samples: Sequence[Sample],
+    data: _CalibrationData,
     importance: Importance,
     target: float,
     grid: GridSpec,
     method: Literal["frontier", "exhaustive"],
     modalities: Sequence[str] | None,
     cache: str | Path | None,
-    batch_size: int,
     max_evaluations: int | None,
-    special_token_ids: Sequence[int] | None,
+    special_ids: list[int],
     tied: bool,
     progress: bool,
     target_of: TargetOf,
 ) -> SearchResult:
     """The frontier search of `search` for one set of alphas."""
-
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
-    if target_of not in TARGET_OF:
-        raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
     searched = ["text"] if tied else list(modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    special_ids = list(special_token_ids or tokenizer.all_special_ids)
     fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
-    group = ranks()
+    group = data.group
     store = _shared_cache(group, cache, fingerprint)
-    batches = prepare_batches(processor, samples, batch_size, input_device(model), importance.semantics)
-    mine = group.share(batches)
-    _add_references(model, [batch for _, batch in mine])
-    answer_tokens = sum(batch.answer_tokens for batch in batches)
-    measure = PointEvaluator(model, importance, mine, answer_tokens, special_ids, max_evaluations, group)
+    measure = PointEvaluator(
+        model, importance, data.mine, data.answer_tokens, special_ids, max_evaluations, group
+    )
     thresholds_at = _thresholds_at(importance, grid, searched, tied)
     bar = _progress_bar(method, grid.size, len(searched), target, progress and group.is_main)
 
@@ -437,13 +458,6 @@ def _search_alphas(
     )
     points = sorted(store.points.values(), key=lambda p: p.index)
     return SearchResult(plan, best, frontier, points, measure.computed, {m: grid.taus(m) for m in searched})
-
-
-def _add_references(model: Any, batches: list[CalibrationBatch]) -> None:
-    """The unskipped model's log-probs at each batch's KL positions."""
-    with torch.no_grad():
-        for batch in batches:
-            batch.reference_logprobs = answer_logprobs(model, batch)
 
 
 def _shared_cache(group: Ranks, path: str | Path | None, fingerprint: dict[str, Any]) -> PointCache:

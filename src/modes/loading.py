@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 PATCH_SIZE = (
-    16  # bundled model: 96 px images -> 6 x 6 patches -> 9 tokens after 2x2 merge (one per grid cell)
+    16  # bundled model: 192 px images -> 12 x 12 patches -> 36 tokens after 2x2 merge (4 per grid cell)
 )
 
 

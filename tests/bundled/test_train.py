@@ -52,3 +52,34 @@ def test_skill_weights_choose_the_skills_of_a_training_batch():
 def test_bad_skill_weights_are_rejected_with_the_skill_list(text):
     with pytest.raises(ValueError, match="skill"):
         parse_skill_weights(text)
+
+
+def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed after a save, the same command continues from it and ends where an uninterrupted
+    run ends, bit for bit (weights, log); a rerun with other settings is refused."""
+    from safetensors.torch import load_file
+
+    from modes.bundled import train as training
+
+    tiny = dict(steps=6, batch_size=2, vision_steps=1, save_every=2, log_every=1,
+                num_hidden_layers=1, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    train(tmp_path / "whole", **tiny)
+    save = training.ResumeState.save
+
+    def save_then_stop(self, *args):
+        save(self, *args)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ResumeState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "parts", **tiny)
+    monkeypatch.setattr(training.ResumeState, "save", save)
+    with pytest.raises(ValueError, match="other settings"):
+        train(tmp_path / "parts", **{**tiny, "lr": 1e-4})
+    train(tmp_path / "parts", **tiny)
+    whole, parts = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    logs = [json.loads((tmp_path / n / "training_log.json").read_text())["log"] for n in ("whole", "parts")]
+    assert logs[0] == logs[1]
+    assert not (tmp_path / "parts" / "resume").exists()  # the finished phase leaves no state behind

@@ -59,14 +59,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast, **text_overrides: Any) -> Qwen3VLMoeConfig:
-    """A shrunk Qwen3-VL-MoE: 6 MoE layers of 32 experts, top-8, and a 2-block vision tower."""
+    """A shrunk Qwen3-VL-MoE: 12 MoE layers of 32 experts, top-8, and a 2-block vision tower."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=64,
-        num_hidden_layers=6,
+        num_hidden_layers=12,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,

@@ -2,11 +2,15 @@
 
     python -m modes.bundled.train --out src/modes/bundled/checkpoint
 
-Two stages, as real VLMs are built: the vision tower is first pretrained alone to tell each
-grid cell's colour and shape (linear heads on its merged outputs, discarded afterwards), then
-frozen while the language model learns the benchmark: loss on answer and end-of-turn tokens
-only, plus the model's router load-balancing loss so that all experts are used. Samples are
-drawn on the fly from the train seed range.
+Two stages, as real VLMs are built: the vision tower is first pretrained alone to tell the
+colour and shape of the object under each visual token (linear heads on its merged outputs,
+discarded afterwards), then frozen while the language model learns the benchmark: loss on
+answer and end-of-turn tokens only, plus the model's router load-balancing loss so that all
+experts are used. Samples are drawn on the fly from the train seed range.
+
+A phase can stop at any time and continue: every ``--save-every`` steps the full state
+(float32 weights, optimizer moments, sampling generator, log, elapsed time) is written to
+``OUT/resume/`` (safetensors + JSON); rerunning the same command continues from it.
 """
 
 from __future__ import annotations
@@ -14,22 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 from modes.bundled.build import build_tokenizer, model_config, save_processor
-from modes.data.benchmark import COLORS, SHAPES, SKILLS, SPLITS, cell_labels, make_sample
+from modes.data.benchmark import COLORS, SHAPES, SKILLS, SPLITS, make_sample, token_labels
 from modes.data.encoding import encode_teacher_forced
 from modes.data.sample import Sample
 from modes.io import write_json_atomic
 from modes.loading import load_processor
 
-__all__ = ["main", "parse_skill_weights", "pretrain_vision", "train", "training_summary"]
+__all__ = ["ResumeState", "main", "parse_skill_weights", "pretrain_vision", "train", "training_summary"]
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -75,7 +81,7 @@ def pretrain_vision(
     lr: float = 2e-3,
     seed: int = 0,
 ) -> list[dict]:
-    """Teach the vision tower to encode each cell's colour and shape in its merged outputs.
+    """Teach the vision tower to encode the colour and shape under each merged output token.
 
     Without this the language model never learns to read images: a randomly initialised tower
     separates cells only weakly (outputs share one dominant direction) and, trained jointly
@@ -101,11 +107,11 @@ def pretrain_vision(
     log = []
     for step in tqdm(range(steps), desc="pretrain vision", unit="step"):
         seeds = torch.randint(0, pool, (batch_size,), generator=generator).tolist()
-        images, colors, shapes = zip(*(cell_labels(first_seed + s) for s in seeds), strict=True)
+        images, colors, shapes = zip(*(token_labels(first_seed + s) for s in seeds), strict=True)
         pixels = processor.image_processor(images=list(images), return_tensors="pt")
         out = visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"], return_dict=True)
-        features = [out.pooler_output, *out.deepstack_features]  # each [B * cells, width]
-        color = torch.tensor(colors).reshape(-1)  # [B * cells], row-major cells
+        features = [out.pooler_output, *out.deepstack_features]  # each [B * tokens, width]
+        color = torch.tensor(colors).reshape(-1)  # [B * tokens], row-major merged tokens
         shape = torch.tensor(shapes).reshape(-1)
         loss = sum(
             F.cross_entropy(head["color"](f), color) + F.cross_entropy(head["shape"](f), shape)
@@ -137,37 +143,86 @@ def train(
     skill_weights: dict[str, float] | None = None,
     **text_overrides,
 ) -> dict:
-    """Build, train and save the model + processor into ``out``; returns the training log.
+    """Build, train and save the model + processor into ``out``; returns the training summary.
 
     ``init``: continue from a checkpoint this function wrote (its vision tower stays frozen
     and is not pretrained again); its training summary is kept under ``previous``.
     ``skill_weights``: draw each sample's skill from these weights (default: balanced).
+    ``save_every``: write the resumable state every that many steps; a later call with the
+    same settings continues from it instead of starting over.
     """
     torch.manual_seed(seed)
     out = Path(out)
     tokenizer = build_tokenizer()
     save_processor(tokenizer, out)
     processor = load_processor(out)
-    start = time.perf_counter()
-    previous = None
-    if init is None:
-        model = Qwen3VLMoeForConditionalGeneration(model_config(tokenizer, **text_overrides)).train()
-        vision_log = pretrain_vision(model, processor, steps=vision_steps, seed=seed)
-    else:
-        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
-        model.model.visual.requires_grad_(False)
-        previous = training_summary(Path(init))
-        vision_log = []
+    settings = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "vision_steps": vision_steps if init is None else 0,
+        "init": None if init is None else str(init),
+        "skill_weights": skill_weights,
+        "text_overrides": text_overrides,
+    }
+    model, previous = _initial_model(tokenizer, init, text_overrides)
+    state = ResumeState.load(out, settings)
+    if state is None:
+        started = time.perf_counter()
+        vision_log = (
+            [] if init is not None else pretrain_vision(model, processor, steps=vision_steps, seed=seed)
+        )
+        state = ResumeState(settings, vision_log=vision_log, seconds=time.perf_counter() - started)
+    model.model.visual.requires_grad_(False)
     model.config.text_config.output_router_logits = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    _, pool = SPLITS["train"]
     generator = torch.Generator().manual_seed(seed)
-    log: list[dict] = []
-    progress = tqdm(range(steps), desc="train", unit="step")
+    if state.step or state.saved:
+        state.restore(model, optimizer, generator)
+        print(f"resuming {out} at step {state.step} of {steps}")
+    elif save_every:
+        state.save(out, model, optimizer, generator)  # the pretrained vision tower is not redone
+    _train_language_model(model, processor, optimizer, generator, state, out, log_every, save_every)
+    _save(model, out)
+    summary = {
+        **{k: v for k, v in settings.items() if k not in ("init", "text_overrides")},
+        "vision_cell_color_accuracy": state.vision_log[-1]["cell_color_accuracy"]
+        if state.vision_log
+        else None,
+        "seconds": round(state.seconds, 1),
+    }
+    if previous is not None:
+        summary["previous"] = previous
+    record = {**summary, "vision_log": state.vision_log, "log": state.log}
+    write_json_atomic(out / "training_log.json", record)
+    ResumeState.discard(out)
+    return summary
+
+
+def _initial_model(
+    tokenizer, init: str | Path | None, text_overrides: dict
+) -> tuple[Qwen3VLMoeForConditionalGeneration, dict | None]:
+    """A fresh model, or the ``init`` checkpoint with its vision tower frozen (and its summary)."""
+    if init is None:
+        return Qwen3VLMoeForConditionalGeneration(model_config(tokenizer, **text_overrides)).train(), None
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
+    model.model.visual.requires_grad_(False)
+    return model, training_summary(Path(init))
+
+
+def _train_language_model(model, processor, optimizer, generator, state, out, log_every, save_every) -> None:
+    """Steps ``state.step`` .. ``steps`` of the answer loss (+ router balance loss)."""
+    steps, batch_size, lr = (state.settings[k] for k in ("steps", "batch_size", "lr"))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    _, pool = SPLITS["train"]
+    progress = tqdm(range(state.step, steps), desc="train", unit="step", initial=state.step, total=steps)
+    resumed_at = time.perf_counter() - state.seconds
     for step in progress:
         seeds = torch.randint(0, pool, (batch_size,), generator=generator).tolist()
-        batch = encode_teacher_forced(processor, _training_batch(seeds, generator, skill_weights))
+        samples = _training_batch(seeds, generator, state.settings["skill_weights"])
+        batch = encode_teacher_forced(processor, samples)
         answer_mask = batch.pop("answer_mask")
         labels = batch["input_ids"].masked_fill(~answer_mask, -100)
         for group in optimizer.param_groups:
@@ -180,26 +235,88 @@ def train(
         aux = output.aux_loss.item() if output.aux_loss is not None else float("nan")
         progress.set_postfix(loss=f"{output.loss.item():.3f}", aux=f"{aux:.3f}")
         if step % log_every == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(output.loss.item(), 4), "aux_loss": round(aux, 4)})
-        if save_every and step % save_every == save_every - 1 and step < steps - 1:
-            _save(model, out / "intermediate")
-    seconds = time.perf_counter() - start
-    _save(model, out)
-    summary = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "vision_steps": vision_steps if init is None else 0,
-        "skill_weights": skill_weights,
-        "vision_cell_color_accuracy": vision_log[-1]["cell_color_accuracy"] if vision_log else None,
-        "seconds": round(seconds, 1),
-    }
-    if previous is not None:
-        summary["previous"] = previous
-    record = {**summary, "vision_log": vision_log, "log": log}
-    write_json_atomic(out / "training_log.json", record)
-    return summary
+            state.log.append({"step": step, "loss": round(output.loss.item(), 4), "aux_loss": round(aux, 4)})
+        state.step, state.seconds = step + 1, time.perf_counter() - resumed_at
+        if save_every and state.step % save_every == 0 and state.step < steps:
+            state.save(out, model, optimizer, generator)
+
+
+class ResumeState:
+    """Where a training phase stands: step, log, elapsed seconds, and the settings it ran with.
+
+    Saved under ``OUT/resume/`` with the float32 weights, the optimizer's moments and the
+    sampling generator (safetensors), written to a new folder and swapped in, so that a
+    phase killed mid-save still resumes from the previous save.
+    """
+
+    def __init__(
+        self,
+        settings: dict,
+        vision_log: list | None = None,
+        step: int = 0,
+        seconds: float = 0.0,
+        log: list[dict] | None = None,
+    ):
+        self.settings, self.vision_log, self.step, self.seconds = settings, vision_log or [], step, seconds
+        self.log: list[dict] = log or []
+        self.saved: Path | None = None  # the folder this state was loaded from
+
+    @staticmethod
+    def folder(out: Path) -> Path:
+        return out / "resume"
+
+    @classmethod
+    def load(cls, out: Path, settings: dict) -> ResumeState | None:
+        folder = cls.folder(out)
+        if not (folder / "state.json").exists():
+            old = folder.with_name("resume.old")  # killed between the two renames of a save
+            if not (old / "state.json").exists():
+                return None
+            folder = old
+        record = json.loads((folder / "state.json").read_text())
+        if record["settings"] != json.loads(json.dumps(settings)):
+            raise ValueError(
+                f"{folder} holds a phase started with other settings ({record['settings']}); "
+                f"rerun with those, or delete {folder} to start this phase over"
+            )
+        state = cls(settings, record["vision_log"], record["step"], record["seconds"], record["log"])
+        state.saved = folder
+        return state
+
+    def restore(self, model, optimizer, generator) -> None:
+        model.load_state_dict(load_file(self.saved / "model.safetensors"), strict=True)
+        moments = load_file(self.saved / "optimizer.safetensors")
+        generator.set_state(moments.pop("generator"))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, param in enumerate(params):
+            optimizer.state[param] = {
+                key: moments[f"{index}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")
+            }
+
+    def save(self, out: Path, model, optimizer, generator) -> None:
+        folder, fresh, old = self.folder(out), out / "resume.new", out / "resume.old"
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+        weights = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+        save_file(weights, fresh / "model.safetensors")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        moments = {"generator": generator.get_state()}
+        for index, param in enumerate(params):
+            for key, value in optimizer.state.get(param, {}).items():
+                moments[f"{index}.{key}"] = value.detach().clone().contiguous()
+        save_file(moments, fresh / "optimizer.safetensors")
+        record = {"settings": self.settings, "step": self.step, "seconds": self.seconds}
+        write_json_atomic(fresh / "state.json", {**record, "vision_log": self.vision_log, "log": self.log})
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        fresh.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def discard(cls, out: Path) -> None:
+        for name in ("resume", "resume.new", "resume.old"):
+            shutil.rmtree(out / name, ignore_errors=True)
 
 
 def training_summary(checkpoint: Path) -> dict | None:
@@ -235,8 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="e.g. exists=3,position_of=3: oversample skills (others weigh 1; default balanced)",
     )
-    parser.add_argument("--save-every", type=int, default=500, help="intermediate checkpoint period")
+    parser.add_argument(
+        "--save-every", type=int, default=200, help="steps between saves of the resumable state (0: none)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         train(
             args.out,

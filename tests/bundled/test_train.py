@@ -83,3 +83,25 @@ def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatc
     logs = [json.loads((tmp_path / n / "training_log.json").read_text())["log"] for n in ("whole", "parts")]
     assert logs[0] == logs[1]
     assert not (tmp_path / "parts" / "resume").exists()  # the finished phase leaves no state behind
+
+
+def test_a_stopped_phase_exports_a_checkpoint_a_new_phase_starts_from(tmp_path, monkeypatch):
+    from modes.bundled import train as training
+
+    tiny = dict(steps=6, batch_size=2, vision_steps=1, save_every=2, num_hidden_layers=1, num_experts=4,
+                num_experts_per_tok=2)  # fmt: skip
+    save = training.ResumeState.save
+
+    def save_then_stop(self, *args):
+        save(self, *args)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ResumeState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "phase1", **tiny)
+    monkeypatch.setattr(training.ResumeState, "save", save)
+    summary = training.export_partial(tmp_path / "phase1", tmp_path / "partial")
+    assert (summary["steps_done"], summary["steps"]) == (4, 6)
+    second = train(tmp_path / "phase2", steps=2, batch_size=2, init=tmp_path / "partial")
+    assert second["previous"]["steps_done"] == 4

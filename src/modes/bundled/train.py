@@ -35,7 +35,15 @@ from modes.data.sample import Sample
 from modes.io import write_json_atomic
 from modes.loading import load_processor
 
-__all__ = ["ResumeState", "main", "parse_skill_weights", "pretrain_vision", "train", "training_summary"]
+__all__ = [
+    "ResumeState",
+    "export_partial",
+    "main",
+    "parse_skill_weights",
+    "pretrain_vision",
+    "train",
+    "training_summary",
+]
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -266,7 +274,9 @@ class ResumeState:
         return out / "resume"
 
     @classmethod
-    def load(cls, out: Path, settings: dict) -> ResumeState | None:
+    def load(cls, out: Path, settings: dict | None) -> ResumeState | None:
+        """The last save under ``out`` (None: none); ``settings`` must be those it ran with
+        (None: whatever they were)."""
         folder = cls.folder(out)
         if not (folder / "state.json").exists():
             old = folder.with_name("resume.old")  # killed between the two renames of a save
@@ -274,6 +284,7 @@ class ResumeState:
                 return None
             folder = old
         record = json.loads((folder / "state.json").read_text())
+        settings = record["settings"] if settings is None else settings
         if record["settings"] != json.loads(json.dumps(settings)):
             raise ValueError(
                 f"{folder} holds a phase started with other settings ({record['settings']}); "
@@ -319,6 +330,36 @@ class ResumeState:
             shutil.rmtree(out / name, ignore_errors=True)
 
 
+def export_partial(out: str | Path, dest: str | Path) -> dict:
+    """A phase stopped midway (its last save under ``out``) as a checkpoint in ``dest`` that a
+    new phase can start from (``--init dest``): weights in bf16 as every checkpoint, processor,
+    and a training log whose summary says how far the phase got (``steps_done`` of ``steps``).
+    The optimizer's moments stay behind: the new phase starts its own."""
+    out, dest = Path(out), Path(dest)
+    record = ResumeState.load(out, None)
+    if record is None:
+        raise FileNotFoundError(f"{ResumeState.folder(out)} holds no saved state to export")
+    settings = record.settings
+    tokenizer = build_tokenizer()
+    save_processor(tokenizer, dest)
+    model, previous = _initial_model(tokenizer, settings["init"], settings["text_overrides"])
+    model.load_state_dict(load_file(record.saved / "model.safetensors"), strict=True)
+    _save(model, dest)
+    vision = record.vision_log[-1]["cell_color_accuracy"] if record.vision_log else None
+    summary = {
+        **{k: v for k, v in settings.items() if k not in ("init", "text_overrides")},
+        "steps_done": record.step,
+        "vision_cell_color_accuracy": vision,
+        "seconds": round(record.seconds, 1),
+    }
+    if previous is not None:
+        summary["previous"] = previous
+    write_json_atomic(
+        dest / "training_log.json", {**summary, "vision_log": record.vision_log, "log": record.log}
+    )
+    return summary
+
+
 def training_summary(checkpoint: Path) -> dict | None:
     """A checkpoint's training settings and time, without the per-step logs (None: no log)."""
     path = checkpoint / "training_log.json"
@@ -356,7 +397,16 @@ def main(argv: list[str] | None = None) -> None:
         "--save-every", type=int, default=200, help="steps between saves of the resumable state (0: none)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--export-partial",
+        metavar="DEST",
+        default=None,
+        help="do not train: write the last save of the phase in --out as a checkpoint in DEST",
+    )
     args = parser.parse_args(argv)
+    if args.export_partial:
+        print(export_partial(args.out, args.export_partial))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

@@ -54,16 +54,14 @@ def test_bad_skill_weights_are_rejected_with_the_skill_list(text):
         parse_skill_weights(text)
 
 
-def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """Killed after a save, the same command continues from it and ends where an uninterrupted
-    run ends, bit for bit (weights, log); a rerun with other settings is refused."""
-    from safetensors.torch import load_file
+TINY_PHASE = dict(steps=6, batch_size=2, vision_steps=1, save_every=2, log_every=1,
+                  num_hidden_layers=1, num_experts=4, num_experts_per_tok=2)  # fmt: skip
 
+
+def train_until_killed_after_step_4(out, monkeypatch) -> None:
+    """`train(out, **TINY_PHASE)` stopped right after its save at step 4, as a kill would."""
     from modes.bundled import train as training
 
-    tiny = dict(steps=6, batch_size=2, vision_steps=1, save_every=2, log_every=1,
-                num_hidden_layers=1, num_experts=4, num_experts_per_tok=2)  # fmt: skip
-    train(tmp_path / "whole", **tiny)
     save = training.ResumeState.save
 
     def save_then_stop(self, *args):
@@ -71,13 +69,22 @@ def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatc
         if self.step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.ResumeState, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "parts", **tiny)
-    monkeypatch.setattr(training.ResumeState, "save", save)
+    with monkeypatch.context() as patch:
+        patch.setattr(training.ResumeState, "save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(out, **TINY_PHASE)
+
+
+def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed after a save, the same command continues from it and ends where an uninterrupted
+    run ends, bit for bit (weights, log); a rerun with other settings is refused."""
+    from safetensors.torch import load_file
+
+    train(tmp_path / "whole", **TINY_PHASE)
+    train_until_killed_after_step_4(tmp_path / "parts", monkeypatch)
     with pytest.raises(ValueError, match="other settings"):
-        train(tmp_path / "parts", **{**tiny, "lr": 1e-4})
-    train(tmp_path / "parts", **tiny)
+        train(tmp_path / "parts", **{**TINY_PHASE, "lr": 1e-4})
+    train(tmp_path / "parts", **TINY_PHASE)
     whole, parts = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "parts"))
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
     logs = [json.loads((tmp_path / n / "training_log.json").read_text())["log"] for n in ("whole", "parts")]
@@ -86,22 +93,10 @@ def test_a_phase_stopped_midway_resumes_to_the_same_weights(tmp_path, monkeypatc
 
 
 def test_a_stopped_phase_exports_a_checkpoint_a_new_phase_starts_from(tmp_path, monkeypatch):
-    from modes.bundled import train as training
+    from modes.bundled.train import export_partial
 
-    tiny = dict(steps=6, batch_size=2, vision_steps=1, save_every=2, num_hidden_layers=1, num_experts=4,
-                num_experts_per_tok=2)  # fmt: skip
-    save = training.ResumeState.save
-
-    def save_then_stop(self, *args):
-        save(self, *args)
-        if self.step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.ResumeState, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "phase1", **tiny)
-    monkeypatch.setattr(training.ResumeState, "save", save)
-    summary = training.export_partial(tmp_path / "phase1", tmp_path / "partial")
+    train_until_killed_after_step_4(tmp_path / "phase1", monkeypatch)
+    summary = export_partial(tmp_path / "phase1", tmp_path / "partial")
     assert (summary["steps_done"], summary["steps"]) == (4, 6)
     second = train(tmp_path / "phase2", steps=2, batch_size=2, init=tmp_path / "partial")
     assert second["previous"]["steps_done"] == 4

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CpuChoice",
     "CpuPath",
     "ExpertsRunner",
     "PlainLoop",
@@ -75,10 +76,18 @@ class CpuPath(Protocol):
         ...
 
 
+class CpuChoice(NamedTuple):
+    """The CPU path that runs one experts module's kept rows (None: the loop or the module's own
+    kernel), and a line for `modes.execution_info` saying which and, for a fallback, why."""
+
+    path: CpuPath | None
+    description: str
+
+
 def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
     """What both CPU paths need: raise a ValueError naming the fix unless ``experts`` is one of
     transformers' experts modules (`is_experts_module`) on CPU; else its first parameter."""
-    fix = "apply with execution='default'"
+    fix = "apply with execution='loop'"
     if not is_experts_module(experts):
         raise ValueError(
             f"{option} needs experts described by transformers' use_experts_implementation; "

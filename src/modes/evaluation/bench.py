@@ -185,6 +185,7 @@ def bench(
         engine.reset_stats(model)
         prefill()
         rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
+        paths = engine.execution_info(model)["paths"]
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = _paired_speedup(samples, "prefill")
@@ -199,4 +200,5 @@ def bench(
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": new_tokens,
         "execution": options.execution,
+        "paths": paths,
     }

@@ -17,7 +17,6 @@ the instruction set each path ran and the environment.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from pathlib import Path
@@ -43,12 +42,14 @@ def plans(model) -> dict[str, modes.SkipPlan]:
     return {"thresholds_0": zero, "skip_0.875": modes.SkipPlan(policy=KReductionConfig(1), model=info)}
 
 
-def run(dtype: torch.dtype, layers: int, tokens: int, repeats: int) -> dict:
+def run(dtype: torch.dtype, layers: int, tokens: int, repeats: int, only: tuple[str, ...] = ()) -> dict:
     model = shaped_model(SHAPE, layers, dtype)
     vocab = model.config.get_text_config().vocab_size
     input_ids = torch.randint(10, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     results = {}
     for name, plan in plans(model).items():
+        if only and name not in only:
+            continue
         report = bench(model, plan, input_ids, new_tokens=4, repeats=repeats)
         results[name] = report
         print(
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--plans", default="", help="only these, comma-separated (thresholds_0, skip_0.875)")
     parser.add_argument("--out", default="benchmarks/results/default_path.json")
     args = parser.parse_args()
     allocator = choose_allocator(False)

@@ -21,7 +21,7 @@ from modes.engine.packed import packing_unsupported
 from modes.errors import PlanError
 from modes.evaluation import allocator
 
-NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="no modes CPU kernel build runs here")
+NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="no modes kernel build runs here")
 NEEDS_PACKING = pytest.mark.skipif(
     packing_unsupported(torch.float32) is not None, reason=str(packing_unsupported(torch.float32))
 )

@@ -26,10 +26,8 @@ CASES = [
     for path in ("packed", "compiled")
     for layout in LAYOUTS
     for dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if (path == "compiled"
-    and layout[0] not in TRANSPOSED)  # test_compiled.py checks that refusal
-    or (path == "packed"
-    and dtype != torch.float16)  # oneDNN packs bf16 and fp32
+    if (path == "compiled" and layout[0] not in TRANSPOSED)  # test_compiled.py checks that refusal
+    or (path == "packed" and dtype != torch.float16)  # oneDNN packs bf16 and fp32
 ]
 
 

@@ -8,10 +8,10 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
   unchanged (no overhead, bit-identical). A `CpuPath` decides which calls run a loop over
-  just the experts hit instead (`run_expert_loop`) and how that loop projects: by default
-  (`PlainLoop`) calls on CPU left with fewer kept rows than experts (decode), on the module's
-  weights; opt-in, expert weights packed for oneDNN (`PackedExperts`) or modes' compiled kernel
-  (`CompiledExperts`), whatever the implementation.
+  just the experts hit instead (`run_expert_loop`) and how that loop projects: modes' compiled
+  kernel (`CompiledExperts`, the default on CPU where a build runs), expert weights packed for
+  oneDNN (`PackedExperts`), whatever the implementation, or, without either (`PlainLoop`),
+  calls on CPU left with fewer kept rows than experts (decode), on the module's weights.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the

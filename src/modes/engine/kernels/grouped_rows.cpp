@@ -15,14 +15,16 @@
 // One source for every CPU: vectors are ATen's `at::vec::Vectorized<float>` (what PyTorch's own
 // CPU kernels use), so the same code builds for AVX2 + FMA, AVX-512 and aarch64 NEON; the
 // build defines CPU_CAPABILITY_* as PyTorch's build does (`modes.engine.kernels`). bf16 and
-// fp16 are widened to fp32 in registers, except bf16 with AVX-512 BF16, whose `vdpbf16ps` sums
-// pairs of bf16 products directly (the fast path where the CPU has it).
+// fp16 rows are widened to fp32 once per call and weights in registers as they stream, except
+// bf16 with AVX-512 BF16, whose `vdpbf16ps` sums pairs of bf16 products directly (the fast path
+// where the CPU has it).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/to.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,27 +40,33 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kRowTile = 4;  // 16 accumulators + 4 weight vectors of 32 registers
-#else
-constexpr int kRowTile = 2;  // 8 accumulators + 4 weight vectors of 16 (AVX2; NEON pairs them)
-#endif
+constexpr int kRowTile = 4;     // 4 x 4 tiles: 16 accumulators + 4 weight vectors of 32 registers
 constexpr int kOutputTile = 4;  // weight rows (outputs) per register tile
+#else
+constexpr int kRowTile = 2;     // 2 x 4 tiles: 8 accumulators + 4 weight vectors of 16 registers
+constexpr int kOutputTile = 4;  // (AVX2; NEON's 32 registers hold its paired vectors alike)
+#endif
 
-// How K elements of T become fp32 products: `Loaded` is what one load holds (kStep elements),
-// `fma` adds x * w into an fp32 accumulator.
-template <typename T>
+// How K elements become fp32 products: rows of TX times weights of TW. `Loaded` is what one
+// load holds (kStep elements), `fma` adds x * w into an fp32 accumulator. Rows are fp32 unless
+// the CPU multiplies bf16 directly: reduced-precision rows are widened once per call, not once
+// per output tile (`grouped_rows_linear`), and weights widened in registers as they stream.
+template <typename TX, typename TW>
 struct Dot {
+  static_assert(std::is_same_v<TX, float>, "rows are widened to fp32 first");
   using Loaded = Vec;
   static constexpr int64_t kStep = Vec::size();
+  template <typename T>
   static Vec load(const T* p) {
     if constexpr (std::is_same_v<T, float>) {
       return Vec::loadu(p);
     } else {
       Vec out;
-      at::vec::load_to_float<T>(p, out);  // widened in registers
+      at::vec::load_to_float<T>(p, out);
       return out;
     }
   }
+  template <typename T>
   static Vec load_tail(const T* p, int64_t n) {  // n < kStep elements, the rest zero
     T padded[kStep] = {};
     std::memcpy(padded, p, n * sizeof(T));
@@ -69,7 +77,7 @@ struct Dot {
 
 #if defined(MODES_NATIVE_BF16_DOT)
 template <>
-struct Dot<at::BFloat16> {
+struct Dot<at::BFloat16, at::BFloat16> {
   using Loaded = __m512bh;
   static constexpr int64_t kStep = 32;  // pairs of products summed by vdpbf16ps
   static __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -93,9 +101,9 @@ struct Prefetcher {
 };
 
 // out[i, j] = sum_k x[i, k] * w[j, k] for M rows of x and N rows of w (both K long).
-template <typename T, int M, int N>
-void tile(const T* x, const T* w, int64_t K, T* out, int64_t out_stride, Prefetcher& prefetch) {
-  using D = Dot<T>;
+template <typename TX, typename TW, int M, int N>
+void tile(const TX* x, const TW* w, int64_t K, TW* out, int64_t out_stride, Prefetcher& prefetch) {
+  using D = Dot<TX, TW>;
   Vec acc[M][N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) acc[i][j] = Vec(0.f);
@@ -119,26 +127,34 @@ void tile(const T* x, const T* w, int64_t K, T* out, int64_t out_stride, Prefetc
   }
   const auto add = [](Vec& a, Vec& b) { return a + b; };
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) out[i * out_stride + j] = static_cast<T>(at::vec::vec_reduce_all<float>(add, acc[i][j]));
+    for (int j = 0; j < N; ++j)
+      out[i * out_stride + j] = static_cast<TW>(at::vec::vec_reduce_all<float>(add, acc[i][j]));
 }
 
 // All rows of one group against N weight rows, kRowTile rows at a time (the weight tile stays
 // in L1 while the row tiles pass over it), prefetching the tile at ``next`` meanwhile.
-template <typename T, int N>
-void group_against(const T* x, int64_t rows, const T* w, int64_t K, T* out, int64_t O, const T* next) {
+template <typename TX, typename TW, int N>
+void group_against(const TX* x, int64_t rows, const TW* w, int64_t K, TW* out, int64_t O, const TW* next) {
   if (rows == 0) return;
-  const int64_t steps = std::max<int64_t>(1, (rows + kRowTile - 1) / kRowTile * ((K + Dot<T>::kStep - 1) / Dot<T>::kStep));
-  const int64_t lines = (kOutputTile * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  const int64_t k_steps = (K + Dot<TX, TW>::kStep - 1) / Dot<TX, TW>::kStep;
+  const int64_t steps = std::max<int64_t>(1, (rows + kRowTile - 1) / kRowTile * k_steps);
+  const int64_t lines = (kOutputTile * K * static_cast<int64_t>(sizeof(TW)) + 63) / 64;
   const char* start = reinterpret_cast<const char*>(next);
   Prefetcher prefetch{start, next ? start + lines * 64 : start, (lines + steps - 1) / steps};
   int64_t m = 0;
-  for (; m + kRowTile <= rows; m += kRowTile) tile<T, kRowTile, N>(x + m * K, w, K, out + m * O, O, prefetch);
-  for (; m < rows; ++m) tile<T, 1, N>(x + m * K, w, K, out + m * O, O, prefetch);
+  for (; m + kRowTile <= rows; m += kRowTile)
+    tile<TX, TW, kRowTile, N>(x + m * K, w, K, out + m * O, O, prefetch);
+  switch (rows - m) {  // the last rows of the group, one tile
+    case 3: tile<TX, TW, 3, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
+    case 2: tile<TX, TW, 2, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
+    case 1: tile<TX, TW, 1, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
+    default: break;
+  }
 }
 
-template <typename T>
-void grouped_rows(const T* x, const T* weight, const int64_t* starts, const int64_t* experts, int64_t runs,
-                  int64_t K, int64_t O, T* out) {
+template <typename TX, typename TW>
+void grouped_rows(const TX* x, const TW* weight, const int64_t* starts, const int64_t* experts, int64_t runs,
+                  int64_t K, int64_t O, TW* out) {
   const int64_t tiles = (O + kOutputTile - 1) / kOutputTile;
   // one task per (run, output tile): consecutive tasks read consecutive weight rows
   auto weight_tile = [&](int64_t task) {
@@ -148,15 +164,15 @@ void grouped_rows(const T* x, const T* weight, const int64_t* starts, const int6
     for (int64_t task = begin; task < end; ++task) {
       const int64_t run = task / tiles, n0 = (task % tiles) * kOutputTile;
       const int64_t m0 = starts[run], rows = starts[run + 1] - m0;
-      const T* x_run = x + m0 * K;
-      const T* w_tile = weight_tile(task);
-      const T* next = task + 1 < end ? weight_tile(task + 1) : nullptr;
-      T* out_tile = out + m0 * O + n0;
+      const TX* x_run = x + m0 * K;
+      const TW* w_tile = weight_tile(task);
+      const TW* next = task + 1 < end ? weight_tile(task + 1) : nullptr;
+      TW* out_tile = out + m0 * O + n0;
       switch (std::min<int64_t>(kOutputTile, O - n0)) {
-        case 4: group_against<T, 4>(x_run, rows, w_tile, K, out_tile, O, next); break;
-        case 3: group_against<T, 3>(x_run, rows, w_tile, K, out_tile, O, next); break;
-        case 2: group_against<T, 2>(x_run, rows, w_tile, K, out_tile, O, next); break;
-        default: group_against<T, 1>(x_run, rows, w_tile, K, out_tile, O, next); break;
+        case 4: group_against<TX, TW, std::min(4, kOutputTile)>(x_run, rows, w_tile, K, out_tile, O, next); break;
+        case 3: group_against<TX, TW, std::min(3, kOutputTile)>(x_run, rows, w_tile, K, out_tile, O, next); break;
+        case 2: group_against<TX, TW, 2>(x_run, rows, w_tile, K, out_tile, O, next); break;
+        default: group_against<TX, TW, 1>(x_run, rows, w_tile, K, out_tile, O, next); break;
       }
     }
   });
@@ -187,9 +203,22 @@ void check_runs(const at::Tensor& rows, const at::Tensor& weight, const at::Tens
 template <typename T>
 void run(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& starts, const at::Tensor& experts,
          at::Tensor& out) {
-  grouped_rows(rows.const_data_ptr<T>(), weight.const_data_ptr<T>(), starts.const_data_ptr<int64_t>(),
-               experts.const_data_ptr<int64_t>(), experts.numel(), rows.size(1), weight.size(1),
-               out.mutable_data_ptr<T>());
+  const auto launch = [&](const auto* x) {
+    grouped_rows(x, weight.const_data_ptr<T>(), starts.const_data_ptr<int64_t>(), experts.const_data_ptr<int64_t>(),
+                 experts.numel(), rows.size(1), weight.size(1), out.mutable_data_ptr<T>());
+  };
+#if defined(MODES_NATIVE_BF16_DOT)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    launch(rows.const_data_ptr<T>());  // bf16 rows straight into vdpbf16ps
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<T, float>) {
+    launch(rows.const_data_ptr<float>());
+  } else {
+    const at::Tensor widened = rows.to(at::kFloat);  // [N, K] fp32: once, not once per output tile
+    launch(widened.const_data_ptr<float>());
+  }
 }
 
 at::Tensor grouped_rows_linear(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& starts,

@@ -15,13 +15,7 @@ import torch
 from torch import nn
 
 from modes.engine.execute import check_cpu_experts
-from modes.engine.kernels import (
-    KERNEL_DTYPES,
-    KernelBuildError,
-    KernelUnavailableError,
-    best_isa,
-    load_kernel,
-)
+from modes.engine.kernels import KERNEL_DTYPES, KernelBuildError, KernelUnavailableError, load_kernel
 
 __all__ = ["MAX_ROWS_PER_EXPERT", "CompiledExperts", "KernelBuildError", "compiled_unfit"]
 
@@ -79,12 +73,12 @@ def compiled_unfit(experts: nn.Module) -> str | None:
         return f"the kernel runs {names}, not {parameter.dtype}"
     if not all(getattr(experts, name).is_contiguous() for name in _projections(experts)):
         return "the expert weights are not contiguous"
-    if best_isa() is None:
-        try:
-            load_kernel()
-        except KernelUnavailableError as error:
-            return str(error)
-    load_kernel()  # KernelBuildError when the build fails
+    try:
+        load_kernel()
+    except KernelBuildError:
+        raise
+    except KernelUnavailableError as error:  # no build runs on this CPU
+        return str(error)
     return None
 
 

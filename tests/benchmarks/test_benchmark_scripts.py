@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modes.engine import kernels
+from modes.engine import kernels, moe_sites
 from modes.engine.kernels import cpu_supports
 from modes.engine.packed import packing_unsupported
 
@@ -110,6 +110,12 @@ def test_default_path_benchmark_reports_overhead_and_speedup_runs(monkeypatch):
     assert results["skip_0.875"]["plan"]["skip_ratio"] == pytest.approx(0.875)
     expected = {f"compiled ({kernels.best_isa().name})"} if cpu_supports(torch.float32) else {"loop"}
     assert set(results["skip_0.875"]["paths"]) == expected
+    skipped = results["skip_0.875"]
+    assert 1.0 <= skipped["memory_bound"] <= skipped["amdahl_bound"]  # the read only lowers the bound
+    model = bench.shaped_model("tiny", 1, torch.float32)
+    experts = 16 * 3 * 64 * 32  # gate, up and down projections of each expert
+    weights = [w for site in moe_sites(model) for w in site.module.parameters()]
+    assert sum(w.numel() for w in weights) == experts  # the read covers the experts, nothing else
     assert default_path.machine()["kernel"]["isa"] == (
         kernels.best_isa().name if kernels.best_isa() else None
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modes.engine.kernels import KernelUnavailableError, grouped_rows_linear, kernel_dtypes
+from modes.engine.kernels import KERNEL_DTYPES, KernelUnavailableError, grouped_rows_linear, load_kernel
 from modes.engine.packed import pack_weight, packed_linear
 from modes.evaluation.allocator import choose_allocator
 
@@ -78,7 +78,8 @@ def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
 def _kernel_runs(dtype: torch.dtype) -> bool:
     """Whether modes' compiled kernel builds here and runs ``dtype`` (else its passes are left out)."""
     try:
-        return dtype in kernel_dtypes()
+        load_kernel()
+        return dtype in KERNEL_DTYPES
     except KernelUnavailableError as reason:
         print(f"  (no compiled passes: {reason})")
         return False

@@ -43,7 +43,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from modes.engine.compiled import CompiledExperts
-from modes.engine.execute import CpuPath, run_expert_loop
+from modes.engine.execute import CpuChoice, CpuPath, run_expert_loop
 from modes.engine.packed import PackedExperts
 from modes.engine.rules import Routing
 from modes.engine.tokens import TokenContext
@@ -209,7 +209,7 @@ def bench_case(name: str, dtype: torch.dtype, tokens: int, repeats: int) -> dict
     for ratio, wrapper in wrappers.items():
         if ratio > 0:  # at ratio 0 the module itself runs, on any path
             for path_name, path in paths.items():
-                calls[(path_name, ratio)] = _on_path(wrapper, path)
+                calls[(path_name, ratio)] = _on_path(wrapper, path_name, path)
     if tokens >= 64:  # prefill: every expert keeps rows, so the kernels' one-row floor bounds it
         calls["floor"] = _weight_read_floor(experts, draws[0][0])
         calls["memory"] = _memory_read(experts)
@@ -285,12 +285,16 @@ def _cpu_paths(experts: torch.nn.Module) -> dict[str, CpuPath]:
     return paths
 
 
-def _on_path(wrapper: SkippingExperts, path: CpuPath) -> SkippingExperts:
+def _on_path(wrapper: SkippingExperts, name: str, path: CpuPath) -> SkippingExperts:
     """``wrapper``'s rule on the CPU path ``path`` (``modes.apply`` would make one per wrapper:
     for packed weights, a copy per ratio)."""
-    twin = SkippingExperts(wrapper.base_layer, layer=0, rule=wrapper.rule, context=wrapper.context)
-    twin.cpu_path = path
-    return twin
+    return SkippingExperts(
+        wrapper.base_layer,
+        layer=0,
+        rule=wrapper.rule,
+        context=wrapper.context,
+        cpu_choice=CpuChoice(path, name),
+    )
 
 
 def _attainable(ideal: float, cap: float | None) -> float:

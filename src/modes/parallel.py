@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,8 +58,7 @@ class Ranks:
             if isinstance(local, BaseException):
                 raise local
             return dict(sorted(local.items()))
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, _transportable(local))
+        gathered = _all_gather_object(_transportable(local), self.world)
         failed = [(rank, part) for rank, part in enumerate(gathered) if isinstance(part, _Failure)]
         if failed:
             if isinstance(local, BaseException):
@@ -84,6 +85,44 @@ def _transportable(local: dict[int, Any] | BaseException) -> dict[int, Any] | _F
     if isinstance(local, BaseException):
         return _Failure(f"{type(local).__name__}: {local}")
     return {index: _to_cpu(value) for index, value in local.items()}
+
+
+# The tensors of the latest exchange. A gloo worker thread drops its references to a finished
+# collective's tensors on its own time, and dropping a reference to a tensor Python created takes
+# the GIL: if that happens once the interpreter is shutting down, the process aborts ("terminate
+# called without an active exception", 1 run in 10 after the last gather). At exit
+# `_drain_last_exchange` waits, with the GIL released, until the worker has let go of them.
+_last_exchange: list[torch.Tensor] = []
+_DRAIN_SECONDS = 5.0
+
+
+def _drain_last_exchange() -> None:
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    while any(t._use_count() > 1 for t in _last_exchange) and time.monotonic() < deadline:
+        time.sleep(1e-3)  # releases the GIL the worker needs
+    _last_exchange.clear()
+
+
+def _all_gather_object(value: Any, world: int) -> list[Any]:
+    """Every rank's ``value``, in rank order (`dist.all_gather_object`, whose tensors we keep;
+    the values are results this program computed on its own ranks, so pickle is safe here)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload.to(padded.device)
+    received = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(received, padded)
+    atexit.unregister(_drain_last_exchange)  # once, and last, so it runs before `_close_group`
+    atexit.register(_drain_last_exchange)
+    _last_exchange[:] = [size, *sizes, padded, *received]
+    return [
+        pickle.loads(part[: int(n.item())].cpu().numpy().tobytes())
+        for part, n in zip(received, sizes, strict=True)
+    ]
 
 
 def _to_cpu(value: Any) -> Any:

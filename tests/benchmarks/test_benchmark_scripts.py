@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modes.engine import kernels, moe_sites
 from modes.engine.kernels import cpu_supports
 from modes.engine.packed import packing_unsupported
 
@@ -59,6 +60,20 @@ def test_block_benchmark_case_reports_consistent_fields(moe_block, tokens):
         assert all(f"{path}_speedup" in row for row in rows[1:]) and f"{path}_speedup" not in rows[0]
 
 
+def test_each_cpu_path_case_runs_on_its_path(moe_block, monkeypatch):
+    """The timed call of a path must run that path, not the wrapper's default."""
+    from modes.engine import execute
+
+    used = []
+    loop = execute.run_expert_loop
+    monkeypatch.setattr(execute, "run_expert_loop", lambda *a, **k: used.append(a[5]) or loop(*a, **k))
+    experts, draws, context = moe_block._setup("tiny", torch.float32, 64)
+    wrapper = moe_block.SkippingExperts(experts, layer=0, rule=moe_block.FixedRule(0.9), context=context)
+    path = execute.PlainLoop()
+    moe_block._on_path(wrapper, "plain", path)(*draws[0])
+    assert used and all(p is path for p in used)
+
+
 def test_experts_hit_counts_each_expert_once_per_draw(moe_block):
     index = torch.tensor([[0, 1], [0, 2]])  # two tokens share expert 0
     weights = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
@@ -75,3 +90,32 @@ def test_memory_table_compares_the_target_with_the_memory_bound(moe_block, capsy
     row = next(row for row in result["rows"] if row["target_ratio"] == 0.88)
     verdict = "yes" if 0.9 * row["ideal"] <= result["memory_bound"] else "no"
     assert line.startswith("| tiny | float32 | 64 |") and line.endswith(f"| {verdict} |")
+
+
+def test_default_path_benchmark_reports_overhead_and_speedup_runs(monkeypatch):
+    from modes.evaluation import bench
+
+    tiny = dict(
+        model_type="qwen3_vl_moe",
+        text_config=dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, head_dim=32,
+                         num_attention_heads=2, num_key_value_heads=1, num_experts=16, num_experts_per_tok=8,
+                         vocab_size=256),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64),
+    )  # fmt: skip
+    monkeypatch.setitem(bench.SHAPES, "tiny", tiny)
+    default_path = _script("default_path")
+    monkeypatch.setattr(default_path, "SHAPE", "tiny")
+    results = default_path.run(torch.float32, layers=1, tokens=32, repeats=1)
+    assert results["thresholds_0"]["plan"]["skip_ratio"] == 0.0
+    assert results["skip_0.875"]["plan"]["skip_ratio"] == pytest.approx(0.875)
+    expected = {f"compiled ({kernels.best_isa().name})"} if cpu_supports(torch.float32) else {"loop"}
+    assert set(results["skip_0.875"]["paths"]) == expected
+    skipped = results["skip_0.875"]
+    assert 1.0 <= skipped["memory_bound"] <= skipped["amdahl_bound"]  # the read only lowers the bound
+    model = bench.shaped_model("tiny", 1, torch.float32)
+    experts = 16 * 3 * 64 * 32  # gate, up and down projections of each expert
+    weights = [w for site in moe_sites(model) for w in site.module.parameters()]
+    assert sum(w.numel() for w in weights) == experts  # the read covers the experts, nothing else
+    assert default_path.machine()["kernel"]["isa"] == (
+        kernels.best_isa().name if kernels.best_isa() else None
+    )

@@ -10,11 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from modes import parallel
 from modes.parallel import DistributedError, Ranks, gpus_of_rank, ranks
 
 PIPELINE = Path(__file__).with_name("pipeline.py")
@@ -87,6 +90,22 @@ def test_a_group_smaller_than_the_launcher_said_is_refused(monkeypatch, tmp_path
         monkeypatch.setenv("WORLD_SIZE", "2")
         with pytest.raises(DistributedError, match="each process would do the whole job alone"):
             ranks()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exit_waits_for_gloo_to_release_the_last_gather(tmp_path):
+    """At exit, modes waits until gloo's worker has let go of the last gather's tensors: its
+    dropping a reference to a Python-made tensor takes the GIL, which aborts a process that is
+    already shutting down."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        (gathered,) = parallel._all_gather_object({0: ("answer", torch.arange(3))}, 1)
+        assert gathered[0][0] == "answer" and torch.equal(gathered[0][1], torch.arange(3))
+        held = [weakref.ref(t) for t in parallel._last_exchange]
+        assert len(held) == 4  # this rank's size, every rank's size, this payload, every payload
+        parallel._drain_last_exchange()  # what exit runs: returns once only we hold them
+        assert parallel._last_exchange == [] and all(ref() is None for ref in held)
     finally:
         dist.destroy_process_group()
 

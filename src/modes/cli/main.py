@@ -80,6 +80,11 @@ def _importance(path: str):
     return Importance.load(_existing(path, "--importance"))
 
 
+def _paths_line(paths: dict[str, list[int]]) -> str:
+    """``{"compiled (avx2)": [0, 1]}`` -> ``compiled (avx2) in layers 0, 1``."""
+    return "; ".join(f"{path} in layers {', '.join(map(str, layers))}" for path, layers in paths.items())
+
+
 def _options(args: argparse.Namespace):
     from modes.engine.options import ApplyOptions, execution_of
 
@@ -205,6 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size, options=options)
     report.pop("answers")
     report["execution"] = options.execution
+    if report["execution_paths"]:
+        print(f"kept slots ran on: {_paths_line(report['execution_paths'])}")
     if plan is not None:
         report["fidelity"] = fidelity(
             model, processor, samples, plan, batch_size=args.batch_size, options=options
@@ -362,6 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"MoE share {report['moe_share_of_prefill']:.2f} -> Amdahl bound {report['amdahl_bound']:.2f}x "
         f"({report['prefill_fraction_of_bound']:.0%} of it reached)"
     )
+    print(f"kept slots ran on: {_paths_line(report['paths'])}")
     _write(args.out, report)
 
 
@@ -461,8 +469,11 @@ def _add_cpu_paths(parser: argparse.ArgumentParser) -> None:
     )
     paths.add_argument(
         "--cpu-kernel",
-        action="store_true",
-        help="CPU with AVX-512: run kept rows on modes' compiled kernel (faster, no copy; built once)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CPU: kept rows run on modes' compiled kernel where this CPU and a compiler allow it "
+        "(the default); --cpu-kernel insists on it (an error says why it cannot run), "
+        "--no-cpu-kernel runs the loop path",
     )
 
 

@@ -8,10 +8,10 @@ Three ways, chosen by the module's ``config._experts_implementation``:
   uninitialised output) ever reaches a kernel. The kept partial outputs are summed per token
   in fp32, as transformers' reduction does. A call that skips nothing runs the module
   unchanged (no overhead, bit-identical). A `CpuPath` decides which calls run a loop over
-  just the experts hit instead (`run_expert_loop`) and how that loop projects: by default
-  (`PlainLoop`) calls on CPU left with fewer kept rows than experts (decode), on the module's
-  weights; opt-in, expert weights packed for oneDNN (`PackedExperts`) or modes' compiled kernel
-  (`CompiledExperts`), whatever the implementation.
+  just the experts hit instead (`run_expert_loop`) and how that loop projects: modes' compiled
+  kernel (`CompiledExperts`, the default on CPU where a build runs), expert weights packed for
+  oneDNN (`PackedExperts`), whatever the implementation, or, without either (`PlainLoop`),
+  calls on CPU left with fewer kept rows than experts (decode), on the module's weights.
 - ``sentinel`` (``eager``): skipped slots get index ``num_experts``, which the eager loop of
   every supported family skips, and weight 0; the loop's own summation order is kept.
 - ``masked``: weights zeroed only, every expert still computed (eager loops that reject the
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CpuChoice",
     "CpuPath",
     "ExpertsRunner",
     "PlainLoop",
@@ -75,10 +76,18 @@ class CpuPath(Protocol):
         ...
 
 
+class CpuChoice(NamedTuple):
+    """The CPU path that runs one experts module's kept rows (None: the loop or the module's own
+    kernel), and a line for `modes.execution_info` saying which and, for a fallback, why."""
+
+    path: CpuPath | None
+    description: str
+
+
 def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
     """What both CPU paths need: raise a ValueError naming the fix unless ``experts`` is one of
     transformers' experts modules (`is_experts_module`) on CPU; else its first parameter."""
-    fix = "apply with execution='default'"
+    fix = "apply with execution='loop'"
     if not is_experts_module(experts):
         raise ValueError(
             f"{option} needs experts described by transformers' use_experts_implementation; "

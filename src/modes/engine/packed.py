@@ -104,4 +104,4 @@ def _check_packable(experts: nn.Module) -> None:
     reason = packing_unsupported(parameter.dtype)
     if reason:
         also = ", or use float32" if parameter.dtype == torch.bfloat16 else ""
-        raise ValueError(f"{reason}: apply with execution='default'{also}")
+        raise ValueError(f"{reason}: apply with execution='loop'{also}")

@@ -20,6 +20,7 @@ from modes.adapters.registry import ModelSpec, UnsupportedModelError, spec_for
 from modes.engine.attention import AttentionProbe
 from modes.engine.execute import is_experts_module
 from modes.engine.info import ModelInfo
+from modes.engine.kernels import kernel_status
 from modes.engine.options import ApplyOptions
 from modes.engine.rules import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
@@ -162,10 +163,10 @@ def apply(
     """
     options = options or ApplyOptions()
     spec = spec_for(model.config.model_type)
-    if options.execution != "default" and spec.dense_router:
+    if options.execution in ("packed", "compiled") and spec.dense_router:
         raise ValueError(
             f"execution={options.execution!r} does not apply to {model.config.model_type}: its experts "
-            "compute every expert (skipping there saves no compute); apply with execution='default'"
+            "compute every expert (skipping there saves no compute); apply with execution='auto'"
         )
     plan.check_fits(model_info(model))
     if is_patched(model):
@@ -231,7 +232,7 @@ def _wrap(
     return SkippingExperts(
         site.module,
         eager_accepts_sentinel=spec.eager_accepts_sentinel,
-        cpu_path=options.cpu_path(site.module),
+        cpu_choice=options.cpu_choice(site.module),
         **common,
     )
 
@@ -296,6 +297,18 @@ def remove(model: nn.Module) -> nn.Module:
 def reset_stats(model: nn.Module) -> None:
     for wrapper in _patch_of(model).wrappers:
         wrapper.counter.reset()
+
+
+def execution_info(model: nn.Module) -> dict[str, Any]:
+    """What runs the kept slots of each MoE layer of a patched model: ``per_layer`` (layer ->
+    path, with the reason where ``"auto"`` fell back), ``paths`` (path -> layers) and
+    ``kernel`` (the instruction set modes' CPU kernel is built for here, or why none)."""
+    patch = _patch_of(model)
+    per_layer = {wrapper.layer: wrapper.execution for wrapper in patch.wrappers}
+    paths: dict[str, list[int]] = {}
+    for layer, description in per_layer.items():
+        paths.setdefault(description.split(";")[0], []).append(layer)
+    return {"per_layer": per_layer, "paths": paths, "kernel": kernel_status()}
 
 
 def skip_stats(model: nn.Module) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modes.engine.execute import CpuPath, choose_runner
+from modes.engine.execute import CpuChoice, choose_runner
 from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import NUM_CODES, CallTokens, TokenContext
 
@@ -86,11 +86,15 @@ class _Skipping(nn.Module):
 class SkippingExperts(_Skipping):
     """Wraps an experts module called as ``experts(hidden [T, H], index [T, k], weights [T, k])``."""
 
-    def __init__(self, *args, eager_accepts_sentinel: bool = True, cpu_path: CpuPath | None = None, **kwargs):
+    def __init__(
+        self, *args, eager_accepts_sentinel: bool = True, cpu_choice: CpuChoice | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.eager_accepts_sentinel = eager_accepts_sentinel
-        self.cpu_path = cpu_path  # the opt-in CPU path, if any (packed copies live here)
-        self.runner = choose_runner(self.base_layer, eager_accepts_sentinel, cpu_path)
+        cpu_choice = cpu_choice or CpuChoice(None, "loop")
+        self.cpu_path = cpu_choice.path  # the CPU path, if any (packed copies live here)
+        self.execution = cpu_choice.description  # for `execution_info`
+        self.runner = choose_runner(self.base_layer, eager_accepts_sentinel, self.cpu_path)
 
     def forward(
         self, hidden_states: torch.Tensor, *routing: torch.Tensor, **named: torch.Tensor
@@ -106,6 +110,8 @@ class SkippingDenseRouter(_Skipping):
     The family's experts then run every expert on router-scaled inputs, so skipping here zeroes
     the skipped scores: exact, but it saves no compute (transformers computes all experts).
     """
+
+    execution = "every expert computed (a dense router: skipping saves no compute)"
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, logits = self.base_layer(hidden_states)  # [T, E], [T, E]

@@ -1,11 +1,13 @@
 """End-to-end latency with and without a plan: prefill time, decode tokens/s, MoE share, Amdahl bound.
 
 Times are medians over repeats after warm-up, measured side by side in one process, the
-unskipped model and the plan alternating round by round so that drift hits both alike;
-speedups are medians of the per-round ratios. The share of time inside the experts modules
-is measured on the unskipped model with hooks (synchronous on CPU), in an extra prefill each
-round after warm-up (median; the first, cold call would bias it), and bounds the end-to-end
-speedup a skip ratio r can give: 1 / ((1 - share) + share * (1 - r)).
+unskipped model and the plan alternating round by round so that drift hits both alike, and
+in turn first within a round (A B, B A, ...) so that whatever the second call of a round
+inherits from the first does not bias either; speedups are medians of the per-round ratios.
+The share of time inside the experts modules is measured on the unskipped model with hooks
+(synchronous on CPU), in an extra prefill each round after warm-up (median; the first, cold
+call would bias it), and bounds the end-to-end speedup a skip ratio r can give:
+1 / ((1 - share) + share * (1 - r)).
 
 The plan is applied anew for each of its rounds and removed before the unskipped model's, so
 the unskipped model never runs beside packed expert weights (``execution='packed'``), as an unpatched
@@ -159,7 +161,7 @@ def bench(
     for round_number in range(warmup + repeats):  # alternate unskipped and plan: drift hits both
         if round_number >= warmup:
             shares.append(_moe_share(model, prefill))
-        for label in LABELS:
+        for label in LABELS if round_number % 2 == 0 else LABELS[::-1]:
             with (
                 engine.applied(model, plan, options) if label == "plan" else contextlib.nullcontext()
             ):  # anew: see the docstring
@@ -185,6 +187,7 @@ def bench(
         engine.reset_stats(model)
         prefill()
         rows["plan"]["skip_ratio"] = engine.skip_stats(model)["ratio"]
+        paths = engine.execution_info(model)["paths"]
     ratio, share = rows["plan"]["skip_ratio"], statistics.median(shares)
     amdahl = 1.0 / ((1.0 - share) + share * (1.0 - ratio))
     prefill_speedup = _paired_speedup(samples, "prefill")
@@ -199,4 +202,5 @@ def bench(
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": new_tokens,
         "execution": options.execution,
+        "paths": paths,
     }

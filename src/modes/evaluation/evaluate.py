@@ -97,7 +97,8 @@ def evaluate(
         show = progress and group.is_main
         answers = generate_answers(model, processor, samples, batch_size, max_new_tokens, show, group)
         stats = _stats_of_every_rank(model, group) if engine.is_patched(model) else None
-    return _report(samples, answers, stats)
+        paths = engine.execution_info(model)["paths"] if engine.is_patched(model) else None
+    return {**_report(samples, answers, stats), "execution_paths": paths}
 
 
 def _stats_of_every_rank(model: Any, group: Ranks) -> dict[str, Any]:

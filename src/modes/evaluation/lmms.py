@@ -7,8 +7,8 @@
 lmms-eval finds the name through the ``lmms_eval.models`` entry point in pyproject.toml.
 ``model_args``: ``pretrained`` (default: the bundled model), ``plan`` (a SkipPlan JSON; none:
 the unskipped model), ``device``, ``dtype`` (float32, bfloat16, float16), ``max_new_tokens``,
-``pack_weights`` (true: CPU, oneDNN-packed expert weights) or ``cpu_kernel`` (true: CPU, modes'
-compiled kernel; see `modes.apply`).
+``pack_weights`` (true: CPU, oneDNN-packed expert weights) or ``cpu_kernel`` (unset: modes'
+compiled CPU kernel where it runs; true: insist on it; false: the loop path; see `modes.apply`).
 Generation tasks only (``generate_until``), which covers the MoDES paper's benchmarks. The
 realised skip ratios of the whole run are in `skip_stats`.
 """
@@ -53,7 +53,7 @@ class ModesLMM(lmms):
         batch_size: int | str = 8,
         max_new_tokens: int | str = 16,
         pack_weights: bool | str = False,
-        cpu_kernel: bool | str = False,
+        cpu_kernel: bool | str | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -103,9 +103,10 @@ class ModesLMM(lmms):
         raise NotImplementedError("modes: multi-round generation is not supported; use single-turn tasks")
 
 
-def _flag(name: str, value: bool | str) -> bool:
-    """A boolean model_arg, as lmms-eval passes it (a bool, or the text after ``name=``)."""
-    if isinstance(value, bool):
+def _flag(name: str, value: bool | str | None) -> bool | None:
+    """A boolean model_arg, as lmms-eval passes it (a bool, or the text after ``name=``; None:
+    not given)."""
+    if value is None or isinstance(value, bool):
         return value
     if value.lower() in ("true", "1", "yes"):
         return True

@@ -152,7 +152,7 @@ def _manager_class() -> type:
 def build_app(
     model: str | None = None,
     plan: str | Path | None = None,
-    execution: str = "default",
+    execution: str = "auto",
     continuous_batching: bool = False,
     name: str = "modes",
 ) -> tuple[Any, Any]:

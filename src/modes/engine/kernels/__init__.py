@@ -2,82 +2,225 @@
 
 At high skip ratios each expert keeps a few rows, and oneDNN streams an expert's weight for a
 few rows at a fraction of what the memory delivers (BENCHMARKS.md). ``grouped_rows.cpp`` reads
-each weight row once per register tile of up to four rows (AVX-512, with AVX-512 BF16 for
-bf16), on the module's own weights as most families store them ([out, in]): no packed copy.
-It is compiled for the CPU at hand (``-march=native``) the first time it is asked for, by
-`torch.utils.cpp_extension` (a C++ compiler and ninja are needed; the build is cached in
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), and `load_kernel` says
-why when it cannot be.
+each weight row once per register tile, on the module's own weights as most families store
+them ([out, in]): no packed copy. It is one source over ATen's portable vectors, built for one
+instruction set (`ISAS`) the first time it is asked for, by `torch.utils.cpp_extension` (a C++
+compiler and ninja are needed; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). `best_isa` picks the fastest set this CPU runs, following
+PyTorch's own ``ATEN_CPU_CAPABILITY`` when it is set (``avx2`` makes an AVX-512 machine run
+the AVX2 build, ``default`` turns the kernel off); `load_kernel` says why when it cannot run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import os
 import platform
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["KernelUnavailableError", "cpu_supports", "grouped_rows_linear", "kernel_dtypes", "load_kernel"]
+__all__ = [
+    "ISAS",
+    "KERNEL_DTYPES",
+    "Isa",
+    "Kernel",
+    "KernelBuildError",
+    "KernelUnavailableError",
+    "best_isa",
+    "cpu_flags",
+    "cpu_supports",
+    "grouped_rows_linear",
+    "kernel_status",
+    "load_kernel",
+]
 
 SOURCE = Path(__file__).with_name("grouped_rows.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for, as torch itself is built
+# OpenMP: ATen's parallel_for, as torch itself is built.
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c")
+_AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"})
 
-_logger = logging.getLogger(__name__)
-_lock = threading.Lock()
-_built: dict[str, Any] = {}  # "module" or "error", once tried
+
+@dataclass(frozen=True)
+class Isa:
+    """One instruction set the kernel is built for: the CPU flags it needs (as /proc/cpuinfo
+    spells them), the machine, the compiler flags and PyTorch's CPU_CAPABILITY it builds as."""
+
+    name: str
+    machine: str
+    cpu_flags: frozenset[str]
+    cflags: tuple[str, ...]
+    capability: str
+
+    def runs_here(self) -> bool:
+        return _machine() == self.machine and self.cpu_flags <= cpu_flags()
+
+    def build_flags(self) -> list[str]:
+        capability = [f"-DCPU_CAPABILITY={self.capability}", f"-DCPU_CAPABILITY_{self.capability}"]
+        return [*COMMON_FLAGS, *self.cflags, *capability, f"-DMODES_LIBRARY_NAME={self.library}"]
+
+    @property
+    def library(self) -> str:
+        return f"modes_{self.name}"
+
+
+ISAS: dict[str, Isa] = {
+    isa.name: isa
+    for isa in (
+        # AVX-512 with native bf16 dot products (vdpbf16ps): Sapphire Rapids, Zen 4 and later
+        Isa("avx512_bf16", "x86_64", _AVX512_FLAGS | {"avx512_bf16"}, (*_AVX512, "-mavx512bf16"), "AVX512"),
+        Isa("avx512", "x86_64", _AVX512_FLAGS, _AVX512, "AVX512"),
+        Isa("avx2", "x86_64", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"), "AVX2"),
+        # aarch64: NEON is baseline and PyTorch's DEFAULT capability there is NEON
+        Isa("neon", "aarch64", frozenset({"asimd"}), (), "DEFAULT"),
+    )
+}
+"""Fastest first within each machine."""
+
+_FOLLOWS = {"avx512": ("avx512_bf16", "avx512"), "avx2": ("avx2",), "default": ("neon",)}
+"""ATEN_CPU_CAPABILITY -> the builds it allows (on x86 ``default`` allows none)."""
 
 
 class KernelUnavailableError(RuntimeError):
     """modes' CPU kernel could not be built or does not run on this CPU."""
 
 
-def load_kernel() -> Any:
-    """The compiled extension, built at the first call of the process (about a minute the very
-    first time, then loaded from torch's cache); raises `KernelUnavailableError` naming why."""
+class KernelBuildError(KernelUnavailableError):
+    """This CPU could run the kernel, but building it failed (no compiler or ninja, ...)."""
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Every build runs these (bf16 and fp16 widened to fp32 in registers without native dots)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A loaded build: its instruction set and the op it registered."""
+
+    isa: Isa
+    op: Any
+
+    def grouped_rows_linear(self, rows, weight, starts, experts) -> torch.Tensor:
+        return self.op(rows, weight, starts, experts)
+
+
+_lock = threading.Lock()
+_loaded: dict[str, Kernel | Exception] = {}  # isa name -> build, or why it failed
+
+
+def best_isa() -> Isa | None:
+    """The fastest instruction set this CPU runs the kernel with (None: none does), following
+    ``ATEN_CPU_CAPABILITY`` as PyTorch's own kernels do."""
+    allowed = _FOLLOWS.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), tuple(ISAS))
+    return next((isa for name, isa in ISAS.items() if name in allowed and isa.runs_here()), None)
+
+
+def kernel_status() -> dict[str, str | None]:
+    """The instruction set the default build is for (``isa``; None: none runs here) and whether
+    it is ``built`` (loaded in this process), or ``error``: why it cannot run."""
+    isa = best_isa()
+    built = _loaded.get(isa.name) if isa is not None else None
+    error = _no_isa_reason(None) if isa is None else str(built) if isinstance(built, Exception) else None
+    return {"isa": isa.name if isa else None, "built": isinstance(built, Kernel), "error": error}
+
+
+def load_kernel(isa: str | None = None) -> Kernel:
+    """The kernel built for ``isa`` (default `best_isa`), compiled the first time on this
+    machine (about a minute, with a progress line) and loaded from torch's cache after that;
+    raises `KernelUnavailableError` naming why it cannot run."""
+    chosen = ISAS.get(isa) if isa is not None else best_isa()
+    if chosen is None:
+        raise KernelUnavailableError(_no_isa_reason(isa))
+    if not chosen.runs_here():
+        raise KernelUnavailableError(
+            f"this CPU cannot run the {chosen.name} build (it needs {_missing(chosen)})"
+        )
     with _lock:
-        if not _built:
+        if chosen.name not in _loaded:
             try:
-                _built["module"] = _build()
-            except Exception as error:  # compiler, ninja or headers missing, or no AVX-512
-                _built["error"] = error
-        if "error" in _built:
-            error = _built["error"]
-            raise KernelUnavailableError(f"modes' CPU kernel is unavailable: {error}") from error
-        return _built["module"]
+                _loaded[chosen.name] = _build(chosen)
+            except Exception as error:  # compiler, ninja or headers missing
+                _loaded[chosen.name] = error
+        built = _loaded[chosen.name]
+    if isinstance(built, Exception):
+        raise KernelBuildError(f"modes' CPU kernel ({chosen.name}) could not be built: {built}") from built
+    return built
 
 
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
+def _no_isa_reason(isa: str | None) -> str:
+    if isa is not None:
+        return f"no kernel build is named {isa!r}; choose from {list(ISAS)}"
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    if forced:
+        return f"ATEN_CPU_CAPABILITY={forced} allows no kernel build on {_machine()}"
+    return (
+        f"this CPU ({_machine()}) has none of the instruction sets the kernel is built for "
+        f"({', '.join(isa.name for isa in ISAS.values())})"
+    )
 
-    _logger.info("modes: building the CPU kernel for this machine (once; cached by torch)")
-    name = f"modes_grouped_rows_{_cpu_tag()}"
-    module = load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False)
-    if not module.supports_float32():
-        raise RuntimeError("this CPU has no AVX-512 (the kernel's fp32 and bf16 paths need it)")
-    return module
+
+def _missing(isa: Isa) -> str:
+    if _machine() != isa.machine:
+        return f"an {isa.machine} CPU, this is {_machine()}"
+    return "the CPU flags " + ", ".join(sorted(isa.cpu_flags - cpu_flags()))
 
 
-def _cpu_tag() -> str:
-    """A short tag of this CPU's model and instruction sets: torch's build cache knows sources and
-    flags, not CPUs, so a ``-march=native`` build cached on a shared disk by another machine
-    would be loaded here and could stop on an illegal instruction. The tag keeps them apart."""
-    lines = [line for line in _cpuinfo_lines() if line.startswith(("model name", "flags"))][:2]
-    return hashlib.sha256(
-        "\n".join(lines or [platform.processor(), platform.machine()]).encode()
-    ).hexdigest()[:12]
+def _build(isa: Isa) -> Kernel:
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    name = f"modes_grouped_rows_{isa.name}"
+    cached = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    with _BuildProgress(isa.name, quiet=cached):
+        load(name=name, sources=[str(SOURCE)], extra_cflags=isa.build_flags(), is_python_module=False)
+    return Kernel(isa, getattr(torch.ops, isa.library).grouped_rows_linear)
+
+
+class _BuildProgress:
+    """A line on stderr that counts the seconds of a first build (cached builds stay quiet)."""
+
+    def __init__(self, isa: str, quiet: bool):
+        self.isa, self.quiet = isa, quiet
+        self._done = threading.Event()
+
+    def __enter__(self) -> _BuildProgress:
+        if not self.quiet:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        from tqdm import tqdm
+
+        label = f"modes: compiling the CPU kernel for {self.isa} (first use on this machine; cached after)"
+        with tqdm(desc=label, bar_format="{desc}: {elapsed}", leave=True) as bar:
+            while not self._done.wait(1.0):
+                bar.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if not self.quiet:
+            self._thread.join()
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (``flags`` on x86, ``Features`` on ARM)."""
+    lines = _cpuinfo_lines()
+    line = next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def cpu_supports(dtype: torch.dtype) -> bool:
-    """Whether this CPU has the instructions the kernel needs for ``dtype`` (AVX-512, and AVX-512
-    BF16 for bf16), read from the CPU's flags without building anything."""
-    flags_line = next((line for line in _cpuinfo_lines() if line.startswith("flags")), "")
-    flags = set(flags_line.partition(":")[2].split())
-    needed = {torch.float32: {"avx512f"}, torch.bfloat16: {"avx512f", "avx512_bf16"}}.get(dtype)
-    return needed is not None and needed <= flags
+    """Whether the kernel runs ``dtype`` on this CPU (an instruction set it is built for is
+    there), read from the CPU's flags without building anything."""
+    return dtype in KERNEL_DTYPES and best_isa() is not None
 
 
 def _cpuinfo_lines() -> list[str]:
@@ -86,15 +229,13 @@ def _cpuinfo_lines() -> list[str]:
     return cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
 
 
-def kernel_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes the built kernel runs on this CPU (bf16 needs AVX-512 BF16)."""
-    module = load_kernel()
-    return (torch.float32, torch.bfloat16) if module.supports_bfloat16() else (torch.float32,)
-
-
 def grouped_rows_linear(
-    rows: torch.Tensor, weight: torch.Tensor, starts: torch.Tensor, experts: torch.Tensor
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    starts: torch.Tensor,
+    experts: torch.Tensor,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """``rows`` [N, K] grouped in runs (run r: rows ``starts[r]`` to ``starts[r + 1]`` - 1, of
     expert ``experts[r]``) times each run's expert weight ``weight`` [E, O, K] -> [N, O], no bias."""
-    return load_kernel().grouped_rows_linear(rows, weight, starts, experts)
+    return load_kernel(isa).grouped_rows_linear(rows, weight, starts, experts)

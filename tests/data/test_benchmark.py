@@ -69,6 +69,12 @@ def test_relation_answers_follow_the_scene():
         assert answer == ("yes" if holds else "no"), (question, scene)
 
 
+def test_relation_answers_are_yes_half_the_time():
+    """A model that always says "no" must not pass for one that compares positions."""
+    answers = [make_sample(seed, "relation").answer for seed in range(400)]
+    assert 0.45 <= answers.count("yes") / len(answers) <= 0.55
+
+
 def test_each_visual_token_is_labelled_with_the_object_of_its_grid_cell():
     image, colors, shapes = token_labels(7)
     assert image.size == (192, 192) and len(colors) == len(shapes) == TOKENS_PER_SIDE**2 == 36

@@ -147,17 +147,19 @@ def _position_of(scene: Scene, rng: random.Random) -> tuple[str, str]:
 
 
 def _relation(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """Is one object left of / right of / above / below another (compares the two cells)."""
+    """Is one object left of / right of / above / below another (compares the two cells); "yes"
+    half the time, so that answering "no" to every question scores 50%, not the 2/3 of a
+    relation drawn at random."""
     (cell_a, a), (cell_b, b) = rng.sample(scene.unique_objects(), 2)
     (row_a, col_a), (row_b, col_b) = divmod(cell_a, GRID), divmod(cell_b, GRID)
-    relation, holds = rng.choice(
-        [
-            ("left of", col_a < col_b),
-            ("right of", col_a > col_b),
-            ("above", row_a < row_b),
-            ("below", row_a > row_b),
-        ]
-    )
+    relations = [
+        ("left of", col_a < col_b),
+        ("right of", col_a > col_b),
+        ("above", row_a < row_b),
+        ("below", row_a > row_b),
+    ]
+    wanted = rng.random() < 0.5  # two distinct cells: some relation holds and some does not
+    relation, holds = rng.choice([(name, held) for name, held in relations if held == wanted])
     return f"is the {' '.join(a)} {relation} the {' '.join(b)} ?", "yes" if holds else "no"
 
 

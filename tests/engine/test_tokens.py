@@ -40,3 +40,13 @@ def test_tokens_are_derived_once_per_call_and_anew_for_the_next():
     assert context.tokens_for(None, 2).codes.tolist() == [OTHER, TEXT]
     with pytest.raises(RuntimeError, match="received 3 tokens"):
         context.tokens_for(None, 3)
+
+
+def test_a_decode_step_codes_its_token_text_unless_it_is_special():
+    """Generated tokens are never media, but a generated special token stays special, as a
+    continuous-batching forward (which cannot tell generated tokens apart) codes it."""
+    context = TokenContext(media_ids={"visual": torch.tensor([5])}, special_ids=torch.tensor([7]))
+    context.set_from_ids(torch.tensor([[5], [7], [1]]), decoding=True)
+    assert context.tokens_for(None, 3).codes.tolist() == [TEXT, OTHER, TEXT]
+    context.set_from_ids(torch.tensor([[5, 7, 1]]))
+    assert context.tokens_for(None, 3).codes.tolist() == [IMAGE, OTHER, TEXT]

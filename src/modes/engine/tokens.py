@@ -118,12 +118,15 @@ class TokenContext:
         decoding: bool = False,
         subset_type_ids: torch.Tensor | None = None,
     ) -> None:
-        """Code every token of ``input_ids`` [B, L]; decode steps are text (algorithm.md 2)."""
+        """Code every token of ``input_ids`` [B, L]: a decode step's new token is text, never
+        media (algorithm.md 2), unless it is a special token, which is never skipped wherever it
+        comes from (so a sequential decode step and a continuous-batching forward, which cannot
+        tell prompt from generated tokens, code a generated special token alike)."""
         codes = torch.full_like(input_ids, modality_code("text"))  # [B, L]
         if not decoding:
             for modality, ids in self.media_ids.items():
                 codes[torch.isin(input_ids, ids.to(input_ids.device))] = modality_code(modality)
-            codes[torch.isin(input_ids, self.special_ids.to(input_ids.device))] = OTHER
+        codes[torch.isin(input_ids, self.special_ids.to(input_ids.device))] = OTHER
         if attention_mask is not None and attention_mask.dim() == 2:
             current = attention_mask[:, -input_ids.shape[1] :]  # [B, L]
             codes[current == 0] = PAD

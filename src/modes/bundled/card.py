@@ -30,6 +30,16 @@ from modes.policies import KReductionConfig
 __all__ = ["main", "measure", "regime", "routing_balance"]
 
 
+# What the training log cannot say about how this checkpoint was made (edit with the checkpoint).
+HISTORY = (
+    "Phase 1's time includes about 40 minutes during which it was paused (SIGSTOP) while "
+    "benchmarks ran; phase 3 ran on one thread beside other work. Phases 1-4 drew relation "
+    "questions with a random relation (yes for about a third of them; the model answered no to "
+    "all, 67%); from phase 5 on, as `modes.data.benchmark` does now, yes half the time, so the "
+    "commands above rerun today give a model trained on the balanced questions throughout."
+)
+
+
 def routing_balance(model: Any, processor: Any, samples: list) -> dict[int, dict[str, float]]:
     """Per MoE layer: expert use counted from the top-k indices the router hands the experts."""
     counts: dict[int, torch.Tensor] = {}
@@ -149,7 +159,7 @@ continues from it when its command is rerun.
 
 {_phase_table(phases)}
 
-{seconds / 60:.0f} minutes of wall time on 2 CPU cores in all.
+{seconds / 60:.0f} minutes of wall time on 2 CPU cores in all. {HISTORY}
 
 ## Accuracy (greedy, exact match, test split of {results["test"]["samples"]} samples)
 Overall: **{results["test"]["accuracy"] * 100:.1f}%** (fixed 200-sample slice:

@@ -1,6 +1,6 @@
 """`modes serve` on the bundled model, with and without a plan: tokens/s and time to first token.
 
-    python benchmarks/serving.py [--plan docs/results/demo_plan_88.json] [--rounds 3]
+    python benchmarks/serving.py [--plan docs/results/plan_88.json] [--rounds 3]
 
 Two servers run in this process on 127.0.0.1 (one unskipped, one with the plan); only one is
 asked at a time. Each round sends the same 32 chat completions (test-split questions with
@@ -76,7 +76,7 @@ def batch(client: openai.OpenAI, samples, concurrency: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default="docs/results/demo_plan_88.json")
+    parser.add_argument("--plan", default="docs/results/plan_88.json")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/serving.json")
     args = parser.parse_args()

@@ -111,7 +111,10 @@ def test_default_path_benchmark_reports_overhead_and_speedup_runs(monkeypatch):
     expected = {f"compiled ({kernels.best_isa().name})"} if cpu_supports(torch.float32) else {"loop"}
     assert set(results["skip_0.875"]["paths"]) == expected
     skipped = results["skip_0.875"]
-    assert 1.0 <= skipped["memory_bound"] <= skipped["amdahl_bound"]  # the read only lowers the bound
+    assert 0 < skipped["memory_bound"] <= skipped["amdahl_bound"]  # the read only lowers the bound
+    unskipped, share = skipped["unskipped"]["prefill_s"], skipped["moe_share_of_prefill"]
+    floored = max(unskipped * share * (1 - skipped["plan"]["skip_ratio"]), skipped["expert_weights_read_s"])
+    assert skipped["memory_bound"] == pytest.approx(unskipped / (unskipped * (1 - share) + floored))
     model = bench.shaped_model("tiny", 1, torch.float32)
     experts = 16 * 3 * 64 * 32  # gate, up and down projections of each expert
     weights = [w for site in moe_sites(model) for w in site.module.parameters()]

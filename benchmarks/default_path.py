@@ -128,8 +128,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/default_path.json")
     args = parser.parse_args()
     allocator = choose_allocator(False)
+    only = tuple(name for name in args.plans.split(",") if name)
     results = {
-        d: run(getattr(torch, d), args.layers, args.tokens, args.repeats) for d in args.dtypes.split(",")
+        d: run(getattr(torch, d), args.layers, args.tokens, args.repeats, only)
+        for d in args.dtypes.split(",")
     }
     record = {"machine": {**machine(), "allocator": allocator}, "shape": SHAPE, "layers": args.layers,
               "prompt_tokens": args.tokens, "repeats": args.repeats, "results": results}  # fmt: skip

@@ -21,6 +21,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -194,8 +195,17 @@ def train(
         state.save(out, model, optimizer, generator)  # the pretrained vision tower is not redone
     _train_language_model(model, processor, optimizer, generator, state, out, log_every, save_every)
     _save(model, out)
+    summary = _write_training_log(out, state, previous)
+    ResumeState.discard(out)
+    return summary
+
+
+def _write_training_log(dest: Path, state: ResumeState, previous: dict | None, **extra: Any) -> dict:
+    """``dest``/training_log.json: the phase's settings, ``extra``, what it reached and the
+    summary of the phase it continued; returns that summary (the log without the step lines)."""
     summary = {
-        **{k: v for k, v in settings.items() if k not in ("init", "text_overrides")},
+        **{k: v for k, v in state.settings.items() if k not in ("init", "text_overrides")},
+        **extra,
         "vision_cell_color_accuracy": state.vision_log[-1]["cell_color_accuracy"]
         if state.vision_log
         else None,
@@ -203,20 +213,19 @@ def train(
     }
     if previous is not None:
         summary["previous"] = previous
-    record = {**summary, "vision_log": state.vision_log, "log": state.log}
-    write_json_atomic(out / "training_log.json", record)
-    ResumeState.discard(out)
+    write_json_atomic(
+        dest / "training_log.json", {**summary, "vision_log": state.vision_log, "log": state.log}
+    )
     return summary
 
 
 def _initial_model(
     tokenizer, init: str | Path | None, text_overrides: dict
 ) -> tuple[Qwen3VLMoeForConditionalGeneration, dict | None]:
-    """A fresh model, or the ``init`` checkpoint with its vision tower frozen (and its summary)."""
+    """A fresh model, or the ``init`` checkpoint (and its summary)."""
     if init is None:
         return Qwen3VLMoeForConditionalGeneration(model_config(tokenizer, **text_overrides)).train(), None
     model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
-    model.model.visual.requires_grad_(False)
     return model, training_summary(Path(init))
 
 
@@ -345,19 +354,7 @@ def export_partial(out: str | Path, dest: str | Path) -> dict:
     model, previous = _initial_model(tokenizer, settings["init"], settings["text_overrides"])
     model.load_state_dict(load_file(record.saved / "model.safetensors"), strict=True)
     _save(model, dest)
-    vision = record.vision_log[-1]["cell_color_accuracy"] if record.vision_log else None
-    summary = {
-        **{k: v for k, v in settings.items() if k not in ("init", "text_overrides")},
-        "steps_done": record.step,
-        "vision_cell_color_accuracy": vision,
-        "seconds": round(record.seconds, 1),
-    }
-    if previous is not None:
-        summary["previous"] = previous
-    write_json_atomic(
-        dest / "training_log.json", {**summary, "vision_log": record.vision_log, "log": record.log}
-    )
-    return summary
+    return _write_training_log(dest, record, previous, steps_done=record.step)
 
 
 def training_summary(checkpoint: Path) -> dict | None:

@@ -4,7 +4,7 @@
 
 All 128 experts of a Qwen3-VL-30B-A3B layer, stored as transformers stores them ([E, out, in],
 gate_up and down side by side as one [2304, 2048] matrix per expert, 1.2 GB in bf16), are
-streamed once per timed pass, cold (the set is 37 times the L3): by a plain sum (what the
+streamed once per timed pass, cold (the set is 37 times the L3): by `read_once` (what the
 memory delivers), and by ``F.linear`` on M rows per expert with oneDNN enabled (what matmul
 picks by default) and disabled (ATen's own kernels), by oneDNN on weights packed once
 (``execution="packed"``), and by modes' compiled kernel in one call over all
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from modes.engine.kernels import KERNEL_DTYPES, KernelUnavailableError, grouped_rows_linear, load_kernel
 from modes.engine.packed import pack_weight, packed_linear
 from modes.evaluation.allocator import choose_allocator
+from modes.evaluation.bench import read_once
 
 EXPERTS, OUT, IN = 128, 2304, 2048  # Qwen3-VL-30B-A3B: 2 x 768 gate_up + 768 down, hidden 2048
 ROWS = (1, 2, 4, 8, 16)
@@ -65,7 +66,7 @@ def _passes(weights: torch.Tensor) -> dict[str, Callable[[], object]]:
         return lambda: grouped_rows_linear(grouped, weights, starts, experts)  # one call, all experts
 
     has_kernel = _kernel_runs(weights.dtype)
-    passes: dict[str, Callable[[], object]] = {"sum": weights.sum}
+    passes: dict[str, Callable[[], object]] = {"sum": lambda: read_once([weights])}
     for rows in ROWS:
         passes[f"M={rows} oneDNN"] = linear(rows, onednn=True)
         passes[f"M={rows} ATen"] = linear(rows, onednn=False)

@@ -11,7 +11,7 @@ medians of per-round ratios):
 - k-reduction to 1 of 8 experts (87.5% of slots): the prefill speedup against the Amdahl bound
   and against the memory bound: a prefill that keeps any row of nearly every expert must read
   nearly all expert weights once, so the MoE part cannot take less than that read (timed here
-  as a plain sum over the weights), however few rows it computes.
+  by `read_once`), however few rows it computes.
 The second line of the usage runs everything as on an AVX2-only CPU: PyTorch's own kernels,
 oneDNN and modes' kernel build all limited to AVX2 + FMA. The JSON names the CPU, its flags,
 the instruction set each path ran and the environment.
@@ -32,7 +32,7 @@ import modes
 from modes.engine import moe_sites
 from modes.engine.kernels import cpu_flags, kernel_status
 from modes.evaluation.allocator import choose_allocator
-from modes.evaluation.bench import bench, shaped_model
+from modes.evaluation.bench import bench, read_once, shaped_model
 from modes.io import write_json_atomic
 from modes.policies import KReductionConfig
 
@@ -69,16 +69,14 @@ def run(dtype: torch.dtype, layers: int, tokens: int, repeats: int, only: tuple[
     return results
 
 
-@torch.no_grad()
 def expert_weights_read_s(model, repeats: int) -> float:
-    """Median seconds to read every routed expert's weights once (a sum per tensor): what the
-    memory delivers, whoever's kernel reads them."""
+    """Median seconds to read every byte of the routed experts' weights once (`read_once`): what
+    the memory delivers, whoever's kernel reads them."""
     weights = [weight for site in moe_sites(model) for weight in site.module.parameters()]
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        for weight in weights:
-            weight.sum()
+        read_once(weights)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first is warm-up
 

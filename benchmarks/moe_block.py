@@ -49,6 +49,7 @@ from modes.engine.rules import Routing
 from modes.engine.tokens import TokenContext
 from modes.engine.wrappers import SkippingExperts
 from modes.evaluation.allocator import choose_allocator, minor_page_faults
+from modes.evaluation.bench import read_once
 
 SHAPES = {
     "qwen3-vl-30b-a3b": dict(cls=Qwen3MoeExperts, hidden=2048, experts=128, top_k=8, width=768),
@@ -350,11 +351,11 @@ def _weight_read_floor(experts: torch.nn.Module, like: torch.Tensor, path: CpuPa
 
 
 def _memory_read(experts: torch.nn.Module):
-    """Every weight of the module read once by a plain sum: what the memory delivers. While
-    every expert keeps rows (prefill), no kernel can execute them faster, so default / this
-    (``memory_bound``) caps the speedup of any execution on this machine, not only of ours."""
+    """Every byte of the module's weights read once (`read_once`): what the memory delivers.
+    While every expert keeps rows (prefill), no kernel can execute them faster, so default /
+    this (``memory_bound``) caps the speedup of any execution on this machine, not only of ours."""
     weights = list(experts.parameters())
-    return lambda *_: [weight.sum() for weight in weights]
+    return lambda *_: read_once(weights)
 
 
 def _loop_on_every_slot(experts: torch.nn.Module, path: CpuPath | None = None):

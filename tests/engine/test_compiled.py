@@ -39,7 +39,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # each tile height, and several tiles
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13])  # each tile height (4 or 6), several tiles
 @pytest.mark.parametrize(("inner", "outer"), [(64, 32), (37, 6), (16, 1), (33, 129), (7, 3)])  # K, O tails
 @pytest.mark.parametrize("isa", BUILDS)
 def test_each_build_equals_each_runs_linear(isa, dtype, rows, inner, outer):

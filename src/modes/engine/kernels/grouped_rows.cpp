@@ -38,26 +38,33 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using IntVec = at::vec::Vectorized<int32_t>;
 
+// Register tiles: kRowTile rows x kOutputTile weight rows (outputs). With 16 vector registers
+// (AVX2; NEON's 32 hold its paired vectors alike) tiles are tall and narrow, 6 x 2, so that one
+// pass covers most experts' rows at high skip ratios: each further pass widens the weights again
+// and costs FMA-port time the memory would otherwise overlap (BENCHMARKS.md).
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kRowTile = 4;     // 4 x 4 tiles: 16 accumulators + 4 weight vectors of 32 registers
-constexpr int kOutputTile = 4;  // weight rows (outputs) per register tile
+constexpr int kRowTile = 4;  // 16 accumulators of 32 registers
+constexpr int kOutputTile = 4;
 #else
-constexpr int kRowTile = 2;     // 2 x 4 tiles: 8 accumulators + 4 weight vectors of 16 registers
-constexpr int kOutputTile = 4;  // (AVX2; NEON's 32 registers hold its paired vectors alike)
+constexpr int kRowTile = 6;  // 12 accumulators of 16 registers
+constexpr int kOutputTile = 2;
 #endif
 
-// How K elements become fp32 products: rows of TX times weights of TW. `Loaded` is what one
-// load holds (kStep elements), `fma` adds x * w into an fp32 accumulator. Rows are fp32 unless
-// the CPU multiplies bf16 directly: reduced-precision rows are widened once per call, not once
-// per output tile (`grouped_rows_linear`), and weights widened in registers as they stream.
+// How K elements become fp32 products: rows of TX times weights of TW, one step of kStep
+// elements at a time, in kParts parts (`load` reads part p of a step, `fma` adds x * w into an
+// fp32 accumulator). Rows are fp32 unless the CPU multiplies bf16 directly: reduced-precision
+// rows are widened once per call, not once per output tile (`grouped_rows_linear`), and weights
+// widened in registers as they stream.
 template <typename TX, typename TW>
 struct Dot {
   static_assert(std::is_same_v<TX, float>, "rows are widened to fp32 first");
-  using Loaded = Vec;
   static constexpr int64_t kStep = Vec::size();
+  static constexpr int kParts = 1;
+  static int64_t row_stride(int64_t K) { return K; }
   template <typename T>
-  static Vec load(const T* p) {
+  static Vec load(const T* p, int /*part*/) {
     if constexpr (std::is_same_v<T, float>) {
       return Vec::loadu(p);
     } else {
@@ -67,42 +74,103 @@ struct Dot {
     }
   }
   template <typename T>
-  static Vec load_tail(const T* p, int64_t n) {  // n < kStep elements, the rest zero
+  static Vec load_tail(const T* p, int64_t n, int part) {  // n < kStep elements, the rest zero
     T padded[kStep] = {};
     std::memcpy(padded, p, n * sizeof(T));
-    return load(padded);
+    return load(padded, part);
   }
   static Vec fma(const Vec& acc, const Vec& x, const Vec& w) { return at::vec::fmadd(x, w, acc); }
 };
 
+// bf16 weights without native bf16 dot products: a step of 2 * Vec::size() bf16 is one load
+// widened as two fp32 vectors by one integer op each: the even elements (the low halves of its
+// 32-bit lanes, shifted up) and the odd ones (the high halves, masked), where a zero-extension
+// and a shift per vector would cost twice as much. Products pair even with even and odd with
+// odd, so rows are widened once per call into that order, each step's even elements then its
+// odd ones, padded with zeros to whole steps (`paired_rows`).
+template <>
+struct Dot<float, at::BFloat16> {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 pairs are read as little-endian lanes");
+  static constexpr int64_t kStep = 2 * Vec::size();
+  static constexpr int kParts = 2;  // even, odd
+  static int64_t row_stride(int64_t K) { return (K + kStep - 1) / kStep * kStep; }
+  static Vec load(const at::BFloat16* p, int part) {
+    const IntVec lanes = IntVec::loadu(p);  // [kStep / 2] lanes: element 2t low, 2t + 1 high
+    return at::vec::cast<float>(part == 0 ? lanes << IntVec(16) : lanes & IntVec(-65536));
+  }
+  static Vec load_tail(const at::BFloat16* p, int64_t n, int part) {  // n < kStep elements, the rest zero
+    at::BFloat16 padded[kStep] = {};
+    std::memcpy(padded, p, n * sizeof(at::BFloat16));
+    return load(padded, part);
+  }
+  static Vec load(const float* p, int part) { return Vec::loadu(p + part * Vec::size()); }  // paired rows
+  static Vec load_tail(const float* p, int64_t, int part) { return load(p, part); }  // padded: whole steps
+  static Vec fma(const Vec& acc, const Vec& x, const Vec& w) { return at::vec::fmadd(x, w, acc); }
+};
+
+// bf16 rows [N, K] -> fp32 [N, row_stride(K)] in the paired order `Dot<float, BFloat16>` reads.
+at::Tensor paired_rows(const at::Tensor& rows) {
+  using D = Dot<float, at::BFloat16>;
+  const int64_t N = rows.size(0), K = rows.size(1), stride = D::row_stride(K);
+  at::Tensor out = at::empty({N, stride}, rows.options().dtype(at::kFloat));
+  const at::BFloat16* src = rows.const_data_ptr<at::BFloat16>();
+  float* dst = out.mutable_data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t k = 0; k < K; k += D::kStep) {
+        for (int part = 0; part < D::kParts; ++part) {
+          const Vec v = k + D::kStep <= K ? D::load(src + r * K + k, part) : D::load_tail(src + r * K + k, K - k, part);
+          v.store(dst + r * stride + k + part * Vec::size());
+        }
+      }
+    }
+  });
+  return out;
+}
+
 #if defined(MODES_NATIVE_BF16_DOT)
 template <>
 struct Dot<at::BFloat16, at::BFloat16> {
-  using Loaded = __m512bh;
   static constexpr int64_t kStep = 32;  // pairs of products summed by vdpbf16ps
-  static __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static __m512bh load_tail(const at::BFloat16* p, int64_t n) {
+  static constexpr int kParts = 1;
+  static int64_t row_stride(int64_t K) { return K; }
+  static __m512bh load(const at::BFloat16* p, int /*part*/) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh load_tail(const at::BFloat16* p, int64_t n, int /*part*/) {
     return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
   }
   static Vec fma(const Vec& acc, __m512bh x, __m512bh w) { return Vec(_mm512_dpbf16_ps(acc, x, w)); }
 };
 #endif
 
-// Pulls the next task's weight tile into L1 a few lines per step while the current tile
-// computes: a group of many rows re-reads its tile from L1, so without this the memory would
-// idle while it computes and the next tile's first pass would stall on it.
+// Pulls the weight tile kPrefetchAhead tasks ahead into L2 a few lines per step while the
+// current tile computes, so that memory keeps streaming while a group of rows computes on its
+// tile (a tile 1 task ahead into L1, as before, left a tall group's memory idle: 66% against
+// 73-78% of a plain read, BENCHMARKS.md).
+constexpr int64_t kPrefetchAhead = 4;
+
 struct Prefetcher {
   const char* next;
   const char* end;
   int64_t lines_per_step;
   void step() {
-    for (int64_t i = 0; i < lines_per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 3);
+    for (int64_t i = 0; i < lines_per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 1);
   }
 };
 
-// out[i, j] = sum_k x[i, k] * w[j, k] for M rows of x and N rows of w (both K long).
+// acc[i][j] += x[i, step] * w[j, step] over the step's parts; x(i, part) and w(j, part) load.
+template <typename D, int M, int N, typename LoadX, typename LoadW>
+inline void accumulate(Vec (&acc)[M][N], LoadX x, LoadW w) {
+  for (int part = 0; part < D::kParts; ++part) {
+    for (int j = 0; j < N; ++j) {
+      const auto wv = w(j, part);
+      for (int i = 0; i < M; ++i) acc[i][j] = D::fma(acc[i][j], x(i, part), wv);
+    }
+  }
+}
+
+// out[i, j] = sum_k x[i, k] * w[j, k] for M rows of x (x_stride apart) and N rows of w (K long).
 template <typename TX, typename TW, int M, int N>
-void tile(const TX* x, const TW* w, int64_t K, TW* out, int64_t out_stride, Prefetcher& prefetch) {
+void tile(const TX* x, int64_t x_stride, const TW* w, int64_t K, TW* out, int64_t out_stride, Prefetcher& prefetch) {
   using D = Dot<TX, TW>;
   Vec acc[M][N];
   for (int i = 0; i < M; ++i)
@@ -110,20 +178,14 @@ void tile(const TX* x, const TW* w, int64_t K, TW* out, int64_t out_stride, Pref
   int64_t k = 0;
   for (; k + D::kStep <= K; k += D::kStep) {
     prefetch.step();
-    typename D::Loaded wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = D::load(w + j * K + k);
-    for (int i = 0; i < M; ++i) {
-      const auto xv = D::load(x + i * K + k);
-      for (int j = 0; j < N; ++j) acc[i][j] = D::fma(acc[i][j], xv, wv[j]);
-    }
+    accumulate<D>(
+        acc, [&](int i, int part) { return D::load(x + i * x_stride + k, part); },
+        [&](int j, int part) { return D::load(w + j * K + k, part); });
   }
   if (k < K) {
-    typename D::Loaded wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = D::load_tail(w + j * K + k, K - k);
-    for (int i = 0; i < M; ++i) {
-      const auto xv = D::load_tail(x + i * K + k, K - k);
-      for (int j = 0; j < N; ++j) acc[i][j] = D::fma(acc[i][j], xv, wv[j]);
-    }
+    accumulate<D>(
+        acc, [&](int i, int part) { return D::load_tail(x + i * x_stride + k, K - k, part); },
+        [&](int j, int part) { return D::load_tail(w + j * K + k, K - k, part); });
   }
   const auto add = [](Vec& a, Vec& b) { return a + b; };
   for (int i = 0; i < M; ++i)
@@ -131,31 +193,38 @@ void tile(const TX* x, const TW* w, int64_t K, TW* out, int64_t out_stride, Pref
       out[i * out_stride + j] = static_cast<TW>(at::vec::vec_reduce_all<float>(add, acc[i][j]));
 }
 
+// The last rows of a group (fewer than kRowTile): one tile of exactly that height.
+template <typename TX, typename TW, int N, int M = 1>
+void last_tile(int64_t rows, const TX* x, int64_t x_stride, const TW* w, int64_t K, TW* out, int64_t O,
+               Prefetcher& prefetch) {
+  if constexpr (M < kRowTile) {
+    if (rows == M) return tile<TX, TW, M, N>(x, x_stride, w, K, out, O, prefetch);
+    last_tile<TX, TW, N, M + 1>(rows, x, x_stride, w, K, out, O, prefetch);
+  }
+}
+
 // All rows of one group against N weight rows, kRowTile rows at a time (the weight tile stays
 // in L1 while the row tiles pass over it), prefetching the tile at ``next`` meanwhile.
 template <typename TX, typename TW, int N>
 void group_against(const TX* x, int64_t rows, const TW* w, int64_t K, TW* out, int64_t O, const TW* next) {
+  using D = Dot<TX, TW>;
   if (rows == 0) return;
-  const int64_t k_steps = (K + Dot<TX, TW>::kStep - 1) / Dot<TX, TW>::kStep;
+  const int64_t k_steps = (K + D::kStep - 1) / D::kStep;
   const int64_t steps = std::max<int64_t>(1, (rows + kRowTile - 1) / kRowTile * k_steps);
   const int64_t lines = (kOutputTile * K * static_cast<int64_t>(sizeof(TW)) + 63) / 64;
   const char* start = reinterpret_cast<const char*>(next);
   Prefetcher prefetch{start, next ? start + lines * 64 : start, (lines + steps - 1) / steps};
+  const int64_t stride = D::row_stride(K);
   int64_t m = 0;
   for (; m + kRowTile <= rows; m += kRowTile)
-    tile<TX, TW, kRowTile, N>(x + m * K, w, K, out + m * O, O, prefetch);
-  switch (rows - m) {  // the last rows of the group, one tile
-    case 3: tile<TX, TW, 3, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
-    case 2: tile<TX, TW, 2, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
-    case 1: tile<TX, TW, 1, N>(x + m * K, w, K, out + m * O, O, prefetch); break;
-    default: break;
-  }
+    tile<TX, TW, kRowTile, N>(x + m * stride, stride, w, K, out + m * O, O, prefetch);
+  last_tile<TX, TW, N>(rows - m, x + m * stride, stride, w, K, out + m * O, O, prefetch);
 }
 
 template <typename TX, typename TW>
 void grouped_rows(const TX* x, const TW* weight, const int64_t* starts, const int64_t* experts, int64_t runs,
                   int64_t K, int64_t O, TW* out) {
-  const int64_t tiles = (O + kOutputTile - 1) / kOutputTile;
+  const int64_t tiles = (O + kOutputTile - 1) / kOutputTile, stride = Dot<TX, TW>::row_stride(K);
   // one task per (run, output tile): consecutive tasks read consecutive weight rows
   auto weight_tile = [&](int64_t task) {
     return weight + (experts[task / tiles] * O + (task % tiles) * kOutputTile) * K;
@@ -164,14 +233,14 @@ void grouped_rows(const TX* x, const TW* weight, const int64_t* starts, const in
     for (int64_t task = begin; task < end; ++task) {
       const int64_t run = task / tiles, n0 = (task % tiles) * kOutputTile;
       const int64_t m0 = starts[run], rows = starts[run + 1] - m0;
-      const TX* x_run = x + m0 * K;
+      const TX* x_run = x + m0 * stride;
       const TW* w_tile = weight_tile(task);
-      const TW* next = task + 1 < end ? weight_tile(task + 1) : nullptr;
+      const TW* next = task + kPrefetchAhead < end ? weight_tile(task + kPrefetchAhead) : nullptr;
       TW* out_tile = out + m0 * O + n0;
       switch (std::min<int64_t>(kOutputTile, O - n0)) {
         case 4: group_against<TX, TW, std::min(4, kOutputTile)>(x_run, rows, w_tile, K, out_tile, O, next); break;
         case 3: group_against<TX, TW, std::min(3, kOutputTile)>(x_run, rows, w_tile, K, out_tile, O, next); break;
-        case 2: group_against<TX, TW, 2>(x_run, rows, w_tile, K, out_tile, O, next); break;
+        case 2: group_against<TX, TW, std::min(2, kOutputTile)>(x_run, rows, w_tile, K, out_tile, O, next); break;
         default: group_against<TX, TW, 1>(x_run, rows, w_tile, K, out_tile, O, next); break;
       }
     }
@@ -215,6 +284,9 @@ void run(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& sta
 #endif
   if constexpr (std::is_same_v<T, float>) {
     launch(rows.const_data_ptr<float>());
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const at::Tensor paired = paired_rows(rows);  // [N, padded K] fp32, in the order the weights widen
+    launch(paired.const_data_ptr<float>());
   } else {
     const at::Tensor widened = rows.to(at::kFloat);  // [N, K] fp32: once, not once per output tile
     launch(widened.const_data_ptr<float>());

@@ -198,6 +198,33 @@ def test_aten_cpu_capability_chooses_the_build_as_it_does_for_torch(monkeypatch)
         modes.apply(model, moderate_plan(model, tiny), options=ApplyOptions("compiled"))
 
 
+@pytest.mark.parametrize(
+    ("vector_bits", "chosen"), [(256, "sve256"), (128, "neon"), (512, "neon"), (0, "neon")]
+)
+def test_an_aarch64_cpu_gets_the_sve256_build_only_with_256_bit_vectors(monkeypatch, vector_bits, chosen):
+    """A vector-length-specific build on other vectors computes garbage (under qemu, a 256-bit
+    build on 128-bit SVE aborts), so the vector length decides, as it does for PyTorch's SVE256."""
+    monkeypatch.setattr(kernels, "_machine", lambda: "aarch64")
+    flags = frozenset({"asimd", "sve"} if vector_bits else {"asimd"})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "sve_vector_bits", lambda: vector_bits)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert best_isa().name == chosen
+    if chosen == "neon":
+        needs = "256-bit SVE vectors" if vector_bits else "the CPU flags sve"
+        refused = f"cannot run the sve256 build .it needs {needs}"
+        with pytest.raises(kernels.KernelUnavailableError, match=refused):
+            kernels.load_kernel("sve256")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # PyTorch's NEON kernels: so is modes'
+    assert best_isa().name == "neon"
+
+
+def test_sve_vector_bits_is_zero_off_aarch64():
+    if ISAS["neon"].runs_here():
+        pytest.skip("an aarch64 CPU: its vector length is whatever it is")
+    assert kernels.sve_vector_bits() == 0
+
+
 @DEFAULT_BUILD
 def test_without_a_compiler_apply_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", {best_isa().name: RuntimeError("no C++ compiler found")})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build modes' CPU kernel as its aarch64 (NEON) build and check it against at::linear, on an x86-64
-# machine: cross-compiled with GCC and run under qemu-user (correctness only; qemu says nothing
-# about speed). Needs Debian's g++-aarch64-linux-gnu and qemu-user-static, and downloads the
+# Build modes' CPU kernel as its aarch64 builds (NEON, SVE256) and check them against at::linear,
+# on an x86-64 machine: cross-compiled with GCC and run under qemu-user, SVE256 on a CPU with
+# 256-bit SVE vectors (correctness only; qemu says nothing about speed). Needs Debian's g++-aarch64-linux-gnu and qemu-user-static, and downloads the
 # aarch64 wheel of the installed torch version from PyPI (~430 MB, cached in $WORK).
 #
 #     apt-get install g++-aarch64-linux-gnu qemu-user-static
@@ -58,10 +58,16 @@ for cpu in 0 1; do
   printf 'processor\t: %s\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$cpu" >> sysroot/proc/cpuinfo
 done
 
-# 4. The kernel with the NEON build's own flags (modes.engine.kernels.ISAS["neon"]), then the check.
-FLAGS=$(cd "$ROOT" && python -c "from modes.engine.kernels import ISAS; print(' '.join(ISAS['neon'].build_flags()))")
-# shellcheck disable=SC2086  # FLAGS is a list of flags
-aarch64-linux-gnu-g++ -std=c++20 $FLAGS -I "$ROOT/src/modes/engine/kernels" -I "$TORCH/include" \
-  -I "$TORCH/include/torch/csrc/api/include" "$HERE/kernel_check.cpp" -o kernel_check \
-  -L "$TORCH/lib" -ltorch_cpu -lc10 -Wl,-rpath-link,"$TORCH/lib:$WORK/stubs" -Wl,--allow-shlib-undefined
-LD_LIBRARY_PATH="$TORCH/lib:$WORK/stubs" OMP_NUM_THREADS=2 qemu-aarch64-static -L "$WORK/sysroot" ./kernel_check
+# 4. Each build with its own flags (modes.engine.kernels.ISAS), then the check on a CPU it runs on.
+status=0
+for build in neon:max sve256:max,sve256=on; do
+  isa=${build%%:*}
+  FLAGS=$(cd "$ROOT" && python -c "from modes.engine.kernels import ISAS; print(' '.join(ISAS['$isa'].build_flags()))")
+  # shellcheck disable=SC2086  # FLAGS is a list of flags
+  aarch64-linux-gnu-g++ -std=c++20 $FLAGS -I "$ROOT/src/modes/engine/kernels" -I "$TORCH/include" \
+    -I "$TORCH/include/torch/csrc/api/include" "$HERE/kernel_check.cpp" -o "kernel_check_$isa" \
+    -L "$TORCH/lib" -ltorch_cpu -lc10 -Wl,-rpath-link,"$TORCH/lib:$WORK/stubs" -Wl,--allow-shlib-undefined
+  LD_LIBRARY_PATH="$TORCH/lib:$WORK/stubs" OMP_NUM_THREADS=2 \
+    qemu-aarch64-static -cpu "${build#*:}" -L "$WORK/sysroot" "./kernel_check_$isa" || status=1
+done
+exit $status

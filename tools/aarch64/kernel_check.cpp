@@ -1,4 +1,4 @@
-// modes' CPU kernel as its aarch64 (NEON) build compiles it, against at::linear: every tail of K
+// modes' CPU kernel as its aarch64 builds (NEON, SVE256) compile it, against at::linear: every tail of K
 // and O and every tile height, in fp32, bf16 and fp16 (what tests/engine/test_compiled.py checks
 // for the builds the test machine runs). Built and run by check.sh, under qemu where no aarch64
 // machine is at hand; exits 1 on any mismatch.
@@ -41,7 +41,9 @@ int main() {
     }
   }
   std::printf("%s build, %d floats per vector: %d of %d cases equal at::linear\n",
-#if defined(__ARM_NEON)
+#if defined(CPU_CAPABILITY_SVE256)
+              "SVE256",
+#elif defined(__ARM_NEON)
               "NEON",
 #else
               "non-NEON",

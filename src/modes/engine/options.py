@@ -25,7 +25,7 @@ class ApplyOptions:
     """Options of `modes.apply` / `modes.applied`.
 
     ``execution``: ``"auto"`` (default) runs the kept rows on modes' compiled CPU kernel where
-    this CPU, a compiler and the module allow it (AVX2, AVX-512, AVX-512 BF16 or NEON; weights
+    this CPU, a compiler and the module allow it (AVX2, AVX-512, AVX-512 BF16, NEON or SVE256; weights
     stored [out, in]), else as ``"loop"`` does; ``"loop"`` runs them on the model's own experts
     kernel, with a loop over the experts hit for decode-sized calls on CPU; ``"compiled"``
     insists on the kernel (an error says why where it cannot run); ``"packed"`` (CPU, bf16 or

@@ -13,6 +13,7 @@ the AVX2 build, ``default`` turns the kernel off); `load_kernel` says why when i
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import threading
@@ -35,6 +36,7 @@ __all__ = [
     "grouped_rows_linear",
     "kernel_status",
     "load_kernel",
+    "sve_vector_bits",
 ]
 
 SOURCE = Path(__file__).with_name("grouped_rows.cpp")
@@ -47,16 +49,20 @@ _AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma",
 @dataclass(frozen=True)
 class Isa:
     """One instruction set the kernel is built for: the CPU flags it needs (as /proc/cpuinfo
-    spells them), the machine, the compiler flags and PyTorch's CPU_CAPABILITY it builds as."""
+    spells them), the machine, the compiler flags and PyTorch's CPU_CAPABILITY it builds as;
+    ``sve_bits``: the SVE vector length a vector-length-specific build needs (0: none)."""
 
     name: str
     machine: str
     cpu_flags: frozenset[str]
     cflags: tuple[str, ...]
     capability: str
+    sve_bits: int = 0
 
     def runs_here(self) -> bool:
-        return _machine() == self.machine and self.cpu_flags <= cpu_flags()
+        if _machine() != self.machine or not self.cpu_flags <= cpu_flags():
+            return False
+        return self.sve_bits == 0 or sve_vector_bits() == self.sve_bits
 
     def build_flags(self) -> list[str]:
         capability = [f"-DCPU_CAPABILITY={self.capability}", f"-DCPU_CAPABILITY_{self.capability}"]
@@ -74,13 +80,27 @@ ISAS: dict[str, Isa] = {
         Isa("avx512_bf16", "x86_64", _AVX512_FLAGS | {"avx512_bf16"}, (*_AVX512, "-mavx512bf16"), "AVX512"),
         Isa("avx512", "x86_64", _AVX512_FLAGS, _AVX512, "AVX512"),
         Isa("avx2", "x86_64", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"), "AVX2"),
+        # aarch64 with 256-bit SVE (Graviton3, Neoverse V1), as PyTorch builds its SVE256 kernels
+        Isa(
+            "sve256",
+            "aarch64",
+            frozenset({"asimd", "sve"}),
+            ("-march=armv8.2-a+sve", "-msve-vector-bits=256", "-DCPU_CAPABILITY_SVE"),
+            "SVE256",
+            sve_bits=256,
+        ),
         # aarch64: NEON is baseline and PyTorch's DEFAULT capability there is NEON
         Isa("neon", "aarch64", frozenset({"asimd"}), (), "DEFAULT"),
     )
 }
 """Fastest first within each machine."""
 
-_FOLLOWS = {"avx512": ("avx512_bf16", "avx512"), "avx2": ("avx2",), "default": ("neon",)}
+_FOLLOWS = {
+    "avx512": ("avx512_bf16", "avx512"),
+    "avx2": ("avx2",),
+    "sve256": ("sve256", "neon"),
+    "default": ("neon",),
+}
 """ATEN_CPU_CAPABILITY -> the builds it allows (on x86 ``default`` allows none)."""
 
 
@@ -165,7 +185,19 @@ def _no_isa_reason(isa: str | None) -> str:
 def _missing(isa: Isa) -> str:
     if _machine() != isa.machine:
         return f"an {isa.machine} CPU, this is {_machine()}"
+    if isa.cpu_flags <= cpu_flags():
+        return f"{isa.sve_bits}-bit SVE vectors, this CPU's are {sve_vector_bits()}-bit"
     return "the CPU flags " + ", ".join(sorted(isa.cpu_flags - cpu_flags()))
+
+
+def sve_vector_bits() -> int:
+    """This process's SVE vector length in bits (0 without SVE): ``prctl(PR_SVE_GET_VL)``, what a
+    vector-length-specific build must match (a 256-bit build on 128-bit SVE computes garbage)."""
+    if _machine() != "aarch64" or "sve" not in cpu_flags():
+        return 0
+    pr_sve_get_vl, vl_len_mask = 51, 0xFFFF  # <linux/prctl.h>
+    answer = ctypes.CDLL(None, use_errno=True).prctl(pr_sve_get_vl, 0, 0, 0, 0)
+    return (answer & vl_len_mask) * 8 if answer > 0 else 0
 
 
 def _build(isa: Isa) -> Kernel:

@@ -13,7 +13,7 @@
 // memory once and reused from registers for every row of its group; no copy of the weights.
 //
 // One source for every CPU: vectors are ATen's `at::vec::Vectorized<float>` (what PyTorch's own
-// CPU kernels use), so the same code builds for AVX2 + FMA, AVX-512 and aarch64 NEON; the
+// CPU kernels use), so the same code builds for AVX2 + FMA, AVX-512, aarch64 NEON and SVE256; the
 // build defines CPU_CAPABILITY_* as PyTorch's build does (`modes.engine.kernels`). bf16 and
 // fp16 rows are widened to fp32 once per call and weights in registers as they stream, except
 // bf16 with AVX-512 BF16, whose `vdpbf16ps` sums pairs of bf16 products directly (the fast path
@@ -41,9 +41,10 @@ using Vec = at::vec::Vectorized<float>;
 using IntVec = at::vec::Vectorized<int32_t>;
 
 // Register tiles: kRowTile rows x kOutputTile weight rows (outputs). With 16 vector registers
-// (AVX2; NEON's 32 hold its paired vectors alike) tiles are tall and narrow, 6 x 2, so that one
-// pass covers most experts' rows at high skip ratios: each further pass widens the weights again
-// and costs FMA-port time the memory would otherwise overlap (BENCHMARKS.md).
+// (AVX2) tiles are tall and narrow, 6 x 2, so that one pass covers most experts' rows at high
+// skip ratios: each further pass widens the weights again and costs FMA-port time the memory
+// would otherwise overlap (BENCHMARKS.md). aarch64 builds take the same tiles (their 32
+// registers would hold more; not measured: no aarch64 machine has run them, only qemu).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kRowTile = 4;  // 16 accumulators of 32 registers
 constexpr int kOutputTile = 4;

@@ -26,6 +26,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` so that a reader sees either the old file or the whole new one, with the
     permissions a plain ``open()`` would give (the user's umask)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the path of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -232,6 +232,26 @@ def test_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch
         assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("command", "example"),
+    [
+        (["calibrate"], "importance.json"),
+        (["search", "--importance", "i.json", "--target", "0.5"], "plan.json"),
+        (["eval"], "report.json"),
+        (["bench"], "bench.json"),
+        (["compare"], "compare.json"),
+    ],
+)
+def test_an_out_directory_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, example):
+    """Found by hand: ``calibrate --out DIR`` ran its 30 s and then failed at the atomic rename."""
+    monkeypatch.setattr("modes.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as refused:
+        main([*command, "--out", str(tmp_path)])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a directory; give the file to write, e.g. {tmp_path / example}" in err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text("{}")

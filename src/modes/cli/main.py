@@ -42,6 +42,20 @@ def _existing(path: str | None, what: str) -> Path | None:
     return Path(path)
 
 
+def _output_file(example: str) -> Callable[[str], str]:
+    """argparse type of an ``--out``: a file to write, refused at once if it is a directory (the
+    atomic write would otherwise fail at its rename, after the work)."""
+
+    def check(path: str) -> str:
+        if Path(path).is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{path} is a directory; give the file to write, e.g. {Path(path) / example}"
+            )
+        return path
+
+    return check
+
+
 def _load_model(name: str | None) -> tuple[Any, Any]:
     from modes.loading import load_model
 
@@ -548,7 +562,9 @@ def _add_calibrate_command(commands: Any) -> None:
         "release: the authors' code exactly (docs/algorithm.md section 7)",
     )
     calibrate.add_argument("--no-reuse", action="store_true", help="recompute the unchanged prefix (slower)")
-    calibrate.add_argument("--out", required=True, help="importance JSON (plot beside it)")
+    calibrate.add_argument(
+        "--out", type=_output_file("importance.json"), required=True, help="importance JSON (plot beside it)"
+    )
     calibrate.set_defaults(run=cmd_calibrate)
 
 
@@ -573,7 +589,12 @@ def _add_search_command(commands: Any) -> None:
     search.add_argument(
         "--max-evaluations", type=int, default=None, help="stop after N new points (resume later)"
     )
-    search.add_argument("--out", required=True, help="plan JSON (search record and plot beside it)")
+    search.add_argument(
+        "--out",
+        type=_output_file("plan.json"),
+        required=True,
+        help="plan JSON (search record and plot beside it)",
+    )
     search.set_defaults(run=cmd_search)
 
 
@@ -584,7 +605,7 @@ def _add_evaluate_command(commands: Any) -> None:
     _add_model(evaluate)
     _add_data(evaluate, "test", None, 64)
     evaluate.add_argument("--plan", default=None, help="plan JSON (default: the unskipped model)")
-    evaluate.add_argument("--out", default=None, help="report JSON")
+    evaluate.add_argument("--out", type=_output_file("report.json"), default=None, help="report JSON")
     _add_cpu_paths(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
@@ -633,7 +654,7 @@ def _add_bench_command(commands: Any) -> None:
         help="keep glibc's default allocator, which frees large temporaries back to the kernel, so "
         "every prefill pays page faults for them (by default the process keeps freed memory)",
     )
-    bench.add_argument("--out", default=None, help="report JSON")
+    bench.add_argument("--out", type=_output_file("bench.json"), default=None, help="report JSON")
     bench.set_defaults(run=cmd_bench)
 
 
@@ -660,7 +681,10 @@ def _add_compare_command(commands: Any) -> None:
     )
     compare.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     compare.add_argument(
-        "--out", default="runs/compare/compare.json", help="JSON (Markdown, PNG and caches beside it)"
+        "--out",
+        type=_output_file("compare.json"),
+        default="runs/compare/compare.json",
+        help="JSON (Markdown, PNG and caches beside it)",
     )
     compare.set_defaults(run=cmd_compare)
 

@@ -219,12 +219,6 @@ def test_an_aarch64_cpu_gets_the_sve256_build_only_with_256_bit_vectors(monkeypa
     assert best_isa().name == "neon"
 
 
-def test_sve_vector_bits_is_zero_off_aarch64():
-    if ISAS["neon"].runs_here():
-        pytest.skip("an aarch64 CPU: its vector length is whatever it is")
-    assert kernels.sve_vector_bits() == 0
-
-
 @DEFAULT_BUILD
 def test_without_a_compiler_apply_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", {best_isa().name: RuntimeError("no C++ compiler found")})

@@ -32,8 +32,12 @@ def test_alphas_are_normalised_per_modality_and_round_trip(small_vlm, samples, t
     for modality in importance.modalities:
         assert sum(a[modality] for a in importance.alphas.values()) == pytest.approx(1.0)
         assert all(a[modality] >= 0 for a in importance.alphas.values())
-    # the last layer's experts on visual tokens cannot change any answer logit
-    assert importance.raw_kl[max(importance.alphas)]["visual"] == 0.0
+    # the last layer's experts on visual tokens cannot change any answer logit; the knocked
+    # forward runs its matmuls on fewer rows, and a CPU may pick another kernel for that shape,
+    # so the text rows can move by float32 rounding (logits ~1e-6 apart give a KL ~1e-12 per
+    # token): zero up to that noise, and negligible against every layer that matters
+    largest = max(kl for by_modality in importance.raw_kl.values() for kl in by_modality.values())
+    assert importance.raw_kl[max(importance.alphas)]["visual"] < min(1e-9, 1e-6 * largest)
     again = Importance.load(importance.save(tmp_path / "importance.json"))
     assert again.alphas == importance.alphas and again.mode == "per_modality"
 

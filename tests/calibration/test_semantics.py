@@ -12,12 +12,26 @@ import torch.nn.functional as F
 
 import modes
 from modes.calibration import calibrate
+from modes.calibration.kl import assistant_header_length, prepare_batches
 from modes.data.encoding import encode_teacher_forced
 from modes.data.sample import batches_by_kind
 
 
+def header_tokens(processor) -> int:
+    """The assistant header's length in tokens: what the generation prompt adds to a chat."""
+    chat = [{"role": "user", "content": [{"type": "text", "text": "what is 2 plus 2 ?"}]}]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts = [
+        processor.apply_chat_template(chat, add_generation_prompt=opened, tokenize=False) for opened in (0, 1)
+    ]
+    closed, opened = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    assert opened[: len(closed)] == closed
+    return len(opened) - len(closed)
+
+
 def reference_alphas(model, processor, samples, semantics: str) -> dict[int, dict[str, float]]:
     tokenizer = processor.tokenizer
+    header = header_tokens(processor)
     image_id, im_start = model.config.image_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")
     special = torch.tensor(tokenizer.all_special_ids)
     experts = {
@@ -34,10 +48,10 @@ def reference_alphas(model, processor, samples, semantics: str) -> dict[int, dic
         if semantics == "modes":  # the logits predicting those tokens
             positions = torch.zeros_like(answer)
             positions[:, :-1] = answer[:, 1:]
-        else:  # the release: from the last <|im_start|> + 3 to the end
+        else:  # the release: from the last <|im_start|> + the header's length to the end
             index = torch.arange(ids.shape[1]).expand_as(ids)
             last = torch.where(ids == im_start, index, -1).max(dim=1).values
-            positions = (index >= (last + 3).unsqueeze(1)) & valid
+            positions = (index >= (last + header).unsqueeze(1)) & valid
         visual = (ids == image_id) & valid
         text = ~visual & valid & ~torch.isin(ids, special)
         with torch.no_grad():
@@ -60,6 +74,55 @@ def reference_alphas(model, processor, samples, semantics: str) -> dict[int, dic
     raw = {layer: {m: v / tokens for m, v in by.items()} for layer, by in sums.items()}
     totals = {m: sum(by[m] for by in raw.values()) for m in ("text", "visual")}
     return {layer: {m: v / totals[m] for m, v in by.items()} for layer, by in raw.items()}
+
+
+def qwen_like_tokenizer():
+    """A byte-level BPE with Qwen's pre-tokenizer and ChatML template, trained here on a few
+    chats (Qwen's own tokenizer cannot be downloaded): it splits the header as Qwen's does."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    split = Regex(  # Qwen2's pre-tokenizer pattern
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(split, "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    chats = [f"<|im_start|>user\nwhat is {i} plus {i} ?<|im_end|>\n<|im_start|>assistant\n{2 * i}<|im_end|>\n"
+             for i in range(50)]  # fmt: skip
+    backend.train_from_iterator(chats * 20, trainer)
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:], chat_template=template,
+    )  # fmt: skip
+
+
+def test_the_release_header_is_measured_with_the_tokenizer(bundled):
+    """3 tokens on a Qwen-like tokenizer (the release's constant), 2 on the bundled word-level
+    one; the release's positions then start at each row's first answer token."""
+    qwen = qwen_like_tokenizer()
+    assert assistant_header_length(qwen) == header_tokens(qwen) == 3
+    processor = bundled[1]
+    assert assistant_header_length(processor) == header_tokens(processor) == 2
+    samples = modes.load_samples(split="calibration", limit=40)
+    batches = prepare_batches(processor, samples, 8, "cpu", "release")
+    for batch, group in zip(batches, batches_by_kind(samples, 8), strict=True):
+        first_answer = encode_teacher_forced(processor, group)["answer_mask"].float().argmax(dim=1)  # [B]
+        assert batch.logit_mask.float().argmax(dim=1).tolist() == first_answer.tolist()
+    assert {batch.inputs.get("pixel_values") is None for batch in batches} == {True, False}
 
 
 @pytest.mark.parametrize("semantics", ["modes", "release"])

@@ -19,6 +19,7 @@ from modes.cli.main import build_parser, main
 from modes.engine.kernels import cpu_supports
 from modes.engine.packed import packing_unsupported
 from modes.errors import PlanError
+from modes.search.frontier import DEFAULT_GAMMAS
 from modes.evaluation import allocator
 
 NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="no modes kernel build runs here")
@@ -93,6 +94,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     )
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert [p["target"] for p in summary["plans"]] == [0.75, 0.88]
+
+
+@pytest.mark.parametrize(("option", "gammas"), [([], DEFAULT_GAMMAS), (["--gamma", "1"], (1.0,))])
+def test_demo_passes_gamma_to_the_pipeline(option, gammas, monkeypatch):
+    """`modes demo --gamma 1` searches MoDES's own alphas only (it was parsed and dropped)."""
+    from modes.evaluation import demo
+
+    class Called(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        raise Called(kwargs["gammas"])
+
+    monkeypatch.setattr(demo, "demo", record)
+    args = ["demo", "--calibration-samples", "4", "--test-samples", "4", *option]
+    with pytest.raises(Called) as called:
+        main(args)
+    assert tuple(called.value.args[0]) == gammas
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ Two readings of "the answer tokens' logits" (docs/algorithm.md section 7):
 
 - ``"modes"``: the logits that predict the answer tokens and the end-of-turn token;
 - ``"release"``: the authors' release, the logits at positions from the last ``<|im_start|>``
-  plus the 3 tokens of the assistant header to the end, i.e. the logits AT the answer tokens
-  and at the end-of-turn token (one position later).
+  plus the length of the assistant header to the end, i.e. the logits AT the answer tokens
+  and at the end-of-turn token (one position later). The release writes the header's length
+  as 3 (``<|im_start|>assistant\n`` on Qwen's tokenizer); here it is measured with the
+  model's own tokenizer and chat template, so other tokenizers get the same positions.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from modes.data.encoding import answer_logit_mask, encode_teacher_forced
+from modes.data.encoding import answer_logit_mask, encode_teacher_forced, prompt_text
 from modes.data.sample import Sample, batches_by_kind
 
-__all__ = ["SEMANTICS", "CalibrationBatch", "Semantics", "answer_kl", "prepare_batches", "release_logit_mask"]
+__all__ = [
+    "SEMANTICS",
+    "CalibrationBatch",
+    "Semantics",
+    "answer_kl",
+    "assistant_header_length",
+    "prepare_batches",
+    "release_logit_mask",
+]
 
 Semantics = Literal["modes", "release"]
 SEMANTICS: tuple[str, ...] = get_args(Semantics)
-RELEASE_HEADER_TOKENS = 3  # the release's offset: "<|im_start|>", "assistant", "\n"
 
 
 @dataclass
@@ -51,6 +60,7 @@ def prepare_batches(
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {list(SEMANTICS)}, not {semantics!r}")
     batches = []
+    header = assistant_header_length(processor) if semantics == "release" else 0
     for group in batches_by_kind(samples, batch_size):
         encoded = encode_teacher_forced(processor, group)
         answer_mask = encoded.pop("answer_mask")
@@ -58,7 +68,7 @@ def prepare_batches(
             mask = answer_logit_mask(answer_mask)
         else:
             mask = release_logit_mask(
-                encoded["input_ids"], encoded["attention_mask"], _im_start_id(processor)
+                encoded["input_ids"], encoded["attention_mask"], _im_start_id(processor), header
             )
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoded.items()}
         batches.append(CalibrationBatch(inputs, mask.to(device)))
@@ -66,16 +76,16 @@ def prepare_batches(
 
 
 def release_logit_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, im_start_id: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, im_start_id: int, header_length: int
 ) -> torch.Tensor:
-    """[B, L] the release's KL positions: from the last ``<|im_start|>`` + 3 to the end of each
-    (left-padded) row."""
+    """[B, L] the release's KL positions: from the last ``<|im_start|>`` + ``header_length`` (the
+    assistant header's tokens, `assistant_header_length`) to the end of each (left-padded) row."""
     length = input_ids.shape[1]
     positions = torch.arange(length).expand_as(input_ids)  # [B, L]
     starts = torch.where(input_ids == im_start_id, positions, -1).max(dim=1).values  # [B]
     if bool((starts < 0).any()):
         raise ValueError("release semantics: a calibration row has no <|im_start|> token")
-    return (positions >= (starts + RELEASE_HEADER_TOKENS).unsqueeze(1)) & attention_mask.bool()
+    return (positions >= (starts + header_length).unsqueeze(1)) & attention_mask.bool()
 
 
 def _im_start_id(processor: Any) -> int:
@@ -87,6 +97,21 @@ def _im_start_id(processor: Any) -> int:
             "assumes; calibrate with semantics='modes'"
         )
     return int(token_id)
+
+
+def assistant_header_length(processor: Any) -> int:
+    """Tokens of the assistant header the chat template opens a reply with, from its
+    ``<|im_start|>`` on: 3 on Qwen's tokenizer (``<|im_start|>``, ``assistant``, ``\n``), the
+    release's constant; 2 on the bundled word-level tokenizer, which drops the newline."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    opened = prompt_text(processor, Sample("header", "?", "", ""))
+    start = opened.rfind("<|im_start|>")
+    if start < 0:
+        raise ValueError(
+            "release semantics need a ChatML chat template whose reply opens with <|im_start|> (Qwen's), "
+            "as the release assumes; calibrate with semantics='modes'"
+        )
+    return len(tokenizer(opened[start:], add_special_tokens=False)["input_ids"])
 
 
 def answer_logprobs(model: Any, batch: CalibrationBatch) -> torch.Tensor:

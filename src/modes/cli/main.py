@@ -268,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.batch_size,
         args.target_of,
         cache,
+        gammas=_resolved_gammas(args.gamma),
     )
     _output(lambda: result.importance.save(out / "importance.json"))
     _plot("plot_importance", result.importance, out / "importance.png")

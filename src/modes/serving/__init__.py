@@ -1,5 +1,5 @@
-"""`modes serve`: transformers' OpenAI-compatible server with a plan applied."""
+"""`modes serve`: an OpenAI-compatible chat-completions server with a plan applied."""
 
-from modes.serving.server import build_app, serve
+from modes.serving.server import ServedModel, build_app, serve
 
-__all__ = ["build_app", "serve"]
+__all__ = ["ServedModel", "build_app", "serve"]

@@ -1,5 +1,5 @@
 """Dependencies between modes' subpackages flow one way: data -> engine -> calibration ->
-search -> evaluation -> cli. Lazy imports inside functions count: a cycle they hide is still
+thresholds -> evaluation -> cli. Lazy imports inside functions count: a cycle they hide is still
 a cycle."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import modes
 
 PACKAGE = Path(modes.__file__).parent
 LAYERS = [  # each may import only from the layers before it
-    {"errors", "io", "adapters", "parallel", "routing"},
+    {"errors", "io", "defaults", "ratios", "adapters", "parallel", "routing"},
     {"data", "loading"},
     {"engine"},
     {"policies"},
     {"plan"},
     {"calibration"},
-    {"search"},
+    {"thresholds"},
     {"evaluation"},
     {"bundled", "serving"},
     {"cli"},

@@ -242,3 +242,13 @@ def prompts(tiny: TinyModel, batch: int = 3, length: int = 12, seed: int = 1) ->
         ids[:, position : position + 3] = media_id
         position += 5
     return ids
+
+
+def call_kwargs(tiny: TinyModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    """Forward arguments of ``ids`` for ``tiny``'s model."""
+    kwargs = {"input_ids": ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if tiny.model_type == "ernie4_5_vl_moe":  # route image tokens through the vision experts
+        kwargs["moe_mm_token_type_ids"] = (ids == tiny.media["visual"]).long()
+    return kwargs

@@ -19,6 +19,7 @@ _EXPORTS = {
     "UnsupportedModelError": "modes.adapters",
     "register_model": "modes.adapters",
     "supported_model_types": "modes.adapters",
+    "CalibrationSet": "modes.calibration",
     "Importance": "modes.calibration",
     "calibrate": "modes.calibration",
     "Sample": "modes.data",
@@ -39,21 +40,28 @@ _EXPORTS = {
     "load_model": "modes.loading",
     "load_processor": "modes.loading",
     "SkipPlan": "modes.plan",
-    "GridSpec": "modes.search",
-    "SearchResult": "modes.search",
-    "TargetUnreachableError": "modes.search",
-    "search": "modes.search.frontier",
+    "GridSpec": "modes.thresholds",
+    "SearchConfig": "modes.thresholds",
+    "SearchResult": "modes.thresholds",
+    "SkipRatios": "modes.ratios",
+    "TargetOf": "modes.ratios",
+    "TargetUnreachableError": "modes.thresholds",
+    "search": "modes.thresholds.frontier",
 }
 
 __all__ = [
     "ApplyOptions",
+    "CalibrationSet",
     "GridSpec",
     "Importance",
     "ModelInfo",
     "PlanError",
     "Sample",
+    "SearchConfig",
     "SearchResult",
     "SkipPlan",
+    "SkipRatios",
+    "TargetOf",
     "TargetUnreachableError",
     "UnsupportedModelError",
     "__version__",
@@ -76,12 +84,6 @@ __all__ = [
     "supported_model_types",
 ]
 
-# The subpackage `modes.search` is loaded now (its own names load lazily) and its attribute
-# dropped, so `modes.search` is the function the README promises: importing `modes.search.*`
-# later finds the package in sys.modules and leaves this attribute alone.
-importlib.import_module("modes.search")
-del globals()["search"]
-
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
@@ -101,7 +103,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from modes.adapters import UnsupportedModelError, register_model, supported_model_types
-    from modes.calibration import Importance, calibrate
+    from modes.calibration import CalibrationSet, Importance, calibrate
     from modes.data import Sample, load_samples
     from modes.engine import (
         ApplyOptions,
@@ -118,5 +120,6 @@ if TYPE_CHECKING:
     from modes.evaluation import compare, evaluate
     from modes.loading import bundled_model_path, load_model, load_processor
     from modes.plan import SkipPlan
-    from modes.search import GridSpec, SearchResult, TargetUnreachableError
-    from modes.search.frontier import search
+    from modes.ratios import SkipRatios, TargetOf
+    from modes.thresholds import GridSpec, SearchConfig, SearchResult, TargetUnreachableError
+    from modes.thresholds.frontier import search

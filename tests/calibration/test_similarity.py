@@ -45,7 +45,8 @@ def test_table_is_relative_to_the_layer_mean_and_finds_duplicated_experts(small_
             if parameter.dim() and parameter.shape[0] == experts.num_experts:
                 parameter[5] = parameter[2]  # expert 5 becomes a copy of expert 2
     samples = modes.load_samples(split="calibration", limit=16)
-    tables = expert_similarity(model, processor, samples, tokens_per_layer=64, batch_size=8)
+    calibration = modes.CalibrationSet.build(model, processor, samples, batch_size=8)
+    tables = expert_similarity(model, calibration.batches, tokens_per_layer=64)
     info = modes.model_info(model)
     assert set(tables) == {str(layer) for layer in info.moe_layers}
     for rows in tables.values():

@@ -16,10 +16,10 @@ import torch
 
 import modes
 from modes.cli.main import build_parser, main
+from modes.defaults import DEFAULT_GAMMAS
 from modes.engine.kernels import cpu_supports
 from modes.engine.packed import packing_unsupported
 from modes.errors import PlanError
-from modes.search.frontier import DEFAULT_GAMMAS
 from modes.evaluation import allocator
 
 NEEDS_KERNEL = pytest.mark.skipif(not cpu_supports(torch.float32), reason="no modes kernel build runs here")
@@ -101,15 +101,15 @@ def test_demo_passes_gamma_to_the_pipeline(option, gammas, monkeypatch):
     """`modes demo --gamma 1` searches MoDES's own alphas only (it was parsed and dropped)."""
     from modes.evaluation import demo
 
-    class Called(Exception):
+    class CalledError(Exception):
         pass
 
     def record(*args, **kwargs):
-        raise Called(kwargs["gammas"])
+        raise CalledError(kwargs["gammas"])
 
     monkeypatch.setattr(demo, "demo", record)
     args = ["demo", "--calibration-samples", "4", "--test-samples", "4", *option]
-    with pytest.raises(Called) as called:
+    with pytest.raises(CalledError) as called:
         main(args)
     assert tuple(called.value.args[0]) == gammas
 
@@ -285,7 +285,7 @@ def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    from modes.search import frontier  # (`modes.search` itself is the function)
+    from modes.thresholds import frontier
 
     monkeypatch.setattr(frontier, "search", interrupted)
     plan = tmp_path / "plan.json"

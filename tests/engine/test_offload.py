@@ -46,3 +46,24 @@ def test_offloaded_model_skips_exactly_like_the_plain_one(bundled, how, tmp_path
     assert (
         report["answers"] == modes.evaluate(model, processor, samples, plan=plan, progress=False)["answers"]
     )
+
+
+def test_calibrating_a_dispatched_model_keeps_its_hooks_and_gives_the_plain_alphas(bundled, tmp_path):
+    """Prefix replay swaps modules' ``forward`` for a while; accelerate's hooks live there too
+    and must be back afterwards (the replay used to delete them)."""
+    model, processor = bundled
+    samples = modes.load_samples(split="calibration", limit=8)
+    dispatched, _ = modes.load_model(device_map="auto", max_memory={"cpu": "20MB"}, offload_folder=tmp_path)
+    assert "disk" in dispatched.hf_device_map.values()  # the later layers really offloaded
+    hooked = {
+        name: module.forward for name, module in dispatched.named_modules() if "forward" in module.__dict__
+    }
+    assert "model.language_model.layers.0" in hooked  # accelerate wrapped the decoder layers' forward
+    got = modes.calibrate(dispatched, processor, samples, batch_size=4, progress=False)
+    expected = modes.calibrate(model, processor, samples, batch_size=4, progress=False)
+    assert {
+        name: m.__dict__.get("forward") for name, m in dispatched.named_modules() if name in hooked
+    } == hooked
+    for layer, by_modality in expected.alphas.items():
+        for modality, alpha in by_modality.items():  # float noise of near-zero KLs, as in test_semantics
+            assert got.alphas[layer][modality] == pytest.approx(alpha, rel=2e-3, abs=2e-5)

@@ -15,7 +15,7 @@ from experts_layouts import skip_unless_packing
 from modes import ApplyOptions
 from modes.adapters import spec_for
 from modes.engine.kernels import cpu_supports
-from tiny_models import END_ID, START_ID, TINY_MODELS, TinyModel, build, prompts
+from tiny_models import END_ID, START_ID, TINY_MODELS, TinyModel, build, call_kwargs, prompts
 
 FAMILIES = [pytest.param(tiny, id=tiny.model_type) for tiny in TINY_MODELS]
 NEEDS_KERNEL = pytest.mark.skipif(
@@ -50,15 +50,6 @@ def make_plan(model, tiny: TinyModel, tau: float | str, seed: int = 0) -> modes.
     else:
         taus = {m: float(tau) for m in modalities(tiny)}
     return modes.SkipPlan(importance=importance, thresholds=taus, model=info)
-
-
-def call_kwargs(tiny: TinyModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-    kwargs = {"input_ids": ids}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if tiny.model_type == "ernie4_5_vl_moe":  # route image tokens through the vision experts
-        kwargs["moe_mm_token_type_ids"] = (ids == tiny.media["visual"]).long()
-    return kwargs
 
 
 def expected_codes(tiny: TinyModel, ids: torch.Tensor) -> list[str | None]:

@@ -8,58 +8,74 @@ scale reaches the target ratio (the papers used a genetic search). k-reduction n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import torch
 
 from modes import engine
-from modes.calibration.kl import CalibrationBatch
+from modes.adapters.registry import UnsupportedModelError
+from modes.calibration.calibration_set import CalibrationSet, measure
 from modes.engine import ModelInfo
-from modes.parallel import ranks
+from modes.engine.rules import Routing
 from modes.plan import SkipPlan
 from modes.policies import PolicyConfig
+from modes.ratios import TargetOf
 
-__all__ = ["median_top2_ratio", "scaled_to_target", "skip_stats_on"]
+__all__ = ["median_top2_ratio", "scaled_to_target"]
 
 BISECTION_STEPS = 14
 
 
-@torch.no_grad()
-def skip_stats_on(
-    model: Any, processor: Any, plan: SkipPlan, batches: list[CalibrationBatch]
-) -> dict[str, Any]:
-    """`modes.skip_stats` of ``plan`` over the teacher-forced ``batches``."""
-    with engine.applied(model, plan, processor=processor):
-        for batch in batches:
-            model(**batch.inputs, use_cache=False)
-        return engine.skip_stats(model)
+class _TopTwoRatios:
+    """A rule that skips nothing and keeps pi_top2 / pi_top1 of every token its layer routes."""
+
+    def __init__(self) -> None:
+        self.ratios: list[torch.Tensor] = []
+
+    def skip_mask(self, routing: Routing) -> torch.Tensor:
+        top = routing.pi.float().topk(2, dim=1).values  # [T, 2]
+        self.ratios.append(top[:, 1] / top[:, 0].clamp_min(1e-20))  # [T]
+        return torch.zeros_like(routing.pi, dtype=torch.bool)
+
+
+@dataclass
+class _RecordingPlan:
+    """An engine plan of `_TopTwoRatios` rules: the engine hands each layer's routing over
+    however the family calls its experts (positional, named, or a dense router)."""
+
+    rules: dict[int, _TopTwoRatios] = field(default_factory=dict)
+    special_token_ids: tuple[int, ...] = ()
+    renormalize: bool = False
+
+    def rule(self, layer: int) -> _TopTwoRatios:
+        return self.rules.setdefault(layer, _TopTwoRatios())
+
+    def check_fits(self, info: ModelInfo) -> None:
+        """Built for the model at hand."""
 
 
 @torch.no_grad()
-def median_top2_ratio(model: Any, batches: list[CalibrationBatch]) -> dict[int, float]:
+def median_top2_ratio(model: Any, calibration: CalibrationSet) -> dict[int, float]:
     """Per-layer median of pi_top2 / pi_top1 over the calibration tokens."""
-    ratios: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for site in engine.moe_sites(model):
-
-        def record(module, args, layer=site.layer):
-            top = args[2].float().topk(2, dim=1).values  # [T, 2]
-            ratios.setdefault(layer, []).append(top[:, 1] / top[:, 0].clamp_min(1e-20))
-
-        handles.append(site.module.register_forward_pre_hook(record))
-    group = ranks()
+    info = engine.model_info(model)
+    if info.top_k < 2:
+        raise UnsupportedModelError(
+            f"{model.config.model_type} routes each token to {info.top_k} expert: NAEE, MC-MoE and DiEP "
+            "compare its two largest routing weights, so they need top-k >= 2 (k_reduction and modes work)"
+        )
+    plan = _RecordingPlan()
+    group = calibration.group
 
     def my_ratios() -> dict[int, dict[int, torch.Tensor]]:
         per_batch = {}
-        try:
-            for index, batch in group.share(batches):
-                ratios.clear()
+        with engine.applied(model, plan):
+            for index, batch in calibration.mine:
+                for rule in plan.rules.values():
+                    rule.ratios.clear()
                 model(**batch.inputs, use_cache=False)
-                per_batch[index] = {layer: torch.cat(values) for layer, values in ratios.items()}
-        finally:
-            for handle in handles:
-                handle.remove()
+                per_batch[index] = {layer: torch.cat(rule.ratios).cpu() for layer, rule in plan.rules.items()}
         return per_batch
 
     every = list(group.gather(my_ratios).values())  # the median of every rank's tokens
@@ -69,22 +85,22 @@ def median_top2_ratio(model: Any, batches: list[CalibrationBatch]) -> dict[int, 
 def scaled_to_target(
     model: Any,
     processor: Any,
-    batches: list[CalibrationBatch],
+    calibration: CalibrationSet,
     config_at: Callable[[float], PolicyConfig],
     target: float,
     info: ModelInfo,
-    ratio_key: str = "skippable_ratio",
+    target_of: TargetOf = TargetOf.SKIPPABLE,
 ) -> SkipPlan:
-    """The plan of ``config_at(scale)`` whose scale reaches ``target`` on ``batches`` (bisection:
-    the smallest scale found that reaches it); ``ratio_key`` names the `modes.skip_stats` ratio
-    the target is a value of (``"skippable_ratio"`` or ``"ratio"``, of all slots)."""
+    """The plan of ``config_at(scale)`` whose scale reaches ``target`` (a share of the
+    ``target_of`` slots) on ``calibration`` (bisection: the smallest scale found that reaches it)."""
 
     def plan_at(scale: float) -> SkipPlan:
         return SkipPlan(policy=config_at(scale), model=info)
 
     @cache  # the final scale was usually measured during the bisection
     def ratio_at(scale: float) -> float:
-        return skip_stats_on(model, processor, plan_at(scale), batches)[ratio_key]
+        measured = measure(model, calibration, plan_at(scale), processor=processor, kl=False)
+        return measured.ratios.of(target_of)
 
     low, high = 0.0, 1.0
     while ratio_at(high) < target and high < 1e4:
@@ -93,6 +109,5 @@ def scaled_to_target(
         middle = (low + high) / 2
         low, high = (middle, high) if ratio_at(middle) < target else (low, middle)
     plan = plan_at(high)
-    plan.target_ratio, plan.achieved_ratio = target, ratio_at(high)
-    plan.target_of = "skippable" if ratio_key == "skippable_ratio" else "all"
+    plan.target_ratio, plan.achieved_ratio, plan.target_of = target, ratio_at(high), TargetOf.parse(target_of)
     return plan

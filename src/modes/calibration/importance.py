@@ -28,16 +28,15 @@ from tqdm import tqdm
 
 from modes import engine
 from modes.adapters.registry import MODALITIES, spec_for
-from modes.calibration.kl import CalibrationBatch, Semantics, answer_kl, answer_logprobs, prepare_batches
+from modes.calibration.calibration_set import CalibrationSet, measure
+from modes.calibration.kl import Semantics, answer_kl, answer_logprobs
 from modes.calibration.replay import PrefixReplay, media_encoders
 from modes.data.sample import Sample
-from modes.engine import ModelInfo, SlotCounts, add_counts, stats_from_counts
+from modes.engine import ModelInfo
 from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import modality_code
 from modes.errors import PlanError
 from modes.io import write_json_atomic
-from modes.loading import input_device
-from modes.parallel import Ranks, ranks
 
 __all__ = ["Importance", "calibrate"]
 
@@ -175,7 +174,7 @@ def _release_fill(rule: _Knockout):
 def calibrate(
     model: Any,
     processor: Any,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | CalibrationSet,
     mode: AlphaMode = "per_modality",
     batch_size: int = 16,
     reuse_prefix: bool = True,
@@ -186,6 +185,8 @@ def calibrate(
 ) -> Importance:
     """Alphas for every MoE layer of ``model`` and every modality present in ``samples``.
 
+    ``samples``: the samples, or a `CalibrationSet` of them (then ``batch_size`` is the set's,
+    and the unskipped log-probs this computes stay in the set for the search and fidelity).
     ``semantics``: ``"modes"`` (algorithm.md section 1) or ``"release"`` (the authors' code,
     section 7). ``knockout``: share of each token's slots skipped at the measured layer (1: all).
     """
@@ -198,15 +199,17 @@ def calibrate(
     info = engine.model_info(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     plan = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids), share=knockout)
-    batches = prepare_batches(processor, samples, batch_size, input_device(model), semantics)
+    calibration = CalibrationSet.of(model, processor, samples, batch_size, semantics)
+    allowed = spec_for(model.config.model_type).modalities
+    modalities = _modalities_present(model, calibration, plan, allowed)
     with engine.applied(model, plan), contextlib.ExitStack() as hooks:
         if semantics == "release":
             for site in engine.moe_sites(model):
                 hooks.callback(
                     site.module.register_forward_hook(_release_fill(plan.rules[site.layer])).remove
                 )
-        modalities, sums = _knockout_sums(model, plan, batches, info, mode, reuse_prefix, progress)
-    answer_tokens = sum(b.answer_tokens for b in batches)
+        sums = _knockout_sums(model, plan, calibration, info, modalities, mode, reuse_prefix, progress)
+    answer_tokens = calibration.answer_tokens
     raw = {layer: {g: s / answer_tokens for g, s in by_group.items()} for layer, by_group in sums.items()}
     return Importance(
         alphas=_normalise(raw, modalities, mode, keep_raw_if_zero=semantics == "release"),
@@ -215,8 +218,8 @@ def calibrate(
         model=info,
         answer_tokens=answer_tokens,
         provenance={
-            "samples": len(samples),
-            "batch_size": batch_size,
+            "samples": calibration.samples,
+            "batch_size": calibration.batch_size,
             "reuse_prefix": reuse_prefix,
             "special_token_ids": list(plan.special_token_ids),
             "knockout": knockout,
@@ -228,21 +231,19 @@ def calibrate(
 def _knockout_sums(
     model: Any,
     plan: _KnockoutPlan,
-    batches: list[CalibrationBatch],
+    calibration: CalibrationSet,
     info: ModelInfo,
+    modalities: list[str],
     mode: AlphaMode,
     reuse_prefix: bool,
     progress: bool,
-) -> tuple[list[str], dict[int, dict[str, float]]]:
-    """The modalities present and, for each MoE layer and modality group, the KL summed over
-    every batch's answer tokens when the layer is knocked out for that group (each rank its
-    share of the batches, summed in global batch order)."""
+) -> dict[int, dict[str, float]]:
+    """For each MoE layer and modality group, the KL summed over every batch's answer tokens
+    when the layer is knocked out for that group (each rank its share of the batches, summed in
+    global batch order)."""
     sites = engine.moe_sites(model)
     replay = PrefixReplay(engine.decoder_layers(model, [s.name for s in sites]), media_encoders(model))
-    group = ranks()
-    mine = group.share(batches)
-    allowed = spec_for(model.config.model_type).modalities
-    modalities = _modalities_present(model, [batch for _, batch in mine], allowed, group)
+    group, mine = calibration.group, calibration.mine
     groups = {m: [m] for m in modalities} if mode == "per_modality" else {"all": list(modalities)}
     total = len(mine) * len(info.moe_layers) * len(groups)
     bar = tqdm(total=total, desc="calibrate", unit="pass", disable=not (progress and group.is_main))
@@ -250,8 +251,10 @@ def _knockout_sums(
     def my_passes() -> dict[int, dict[int, dict[str, float]]]:
         with torch.no_grad():
             return {
-                index: _knockout_pass(model, batch, replay, plan.target, info, groups, reuse_prefix, bar)
-                for index, batch in mine
+                index: _knockout_pass(
+                    model, calibration, index, replay, plan.target, info, groups, reuse_prefix, bar
+                )
+                for index, _ in mine
             }
 
     per_batch = group.gather(my_passes)  # every batch's KL sums, in global batch order
@@ -261,52 +264,51 @@ def _knockout_sums(
         for layer, by_group in by_layer.items():
             for name, kl in by_group.items():
                 sums[layer][name] += kl
-    return modalities, sums
+    return sums
 
 
 def _knockout_pass(
-    model, batch: CalibrationBatch, replay: PrefixReplay, target, info, groups, reuse_prefix, bar
+    model,
+    calibration: CalibrationSet,
+    index: int,
+    replay: PrefixReplay,
+    target,
+    info,
+    groups,
+    reuse_prefix,
+    bar,
 ) -> dict[int, dict[str, float]]:
-    """KL summed over the batch's answer tokens for each knocked-out layer and modality group."""
+    """KL summed over batch ``index``'s answer tokens for each knocked-out layer and modality
+    group. Its reference pass (nothing skipped) records the prefix and gives the set its
+    unskipped log-probs."""
+    batch = calibration.batches[index]
     sums: dict[int, dict[str, float]] = {layer: {} for layer in info.moe_layers}
     target.clear()
     with replay.recording():
-        batch.reference_logprobs = answer_logprobs(model, batch)
+        reference = answer_logprobs(model, batch)
+    calibration.remember_reference(index, reference)
     for layer in info.moe_layers:
         for group, modalities in groups.items():
             target.update(layer=layer, codes=torch.tensor([modality_code(m) for m in modalities]))
             if reuse_prefix:
                 with replay.replaying(layer):
-                    kl = answer_kl(model, batch)
+                    kl = answer_kl(model, batch, reference)
             else:
-                kl = answer_kl(model, batch)
+                kl = answer_kl(model, batch, reference)
             # KL >= 0; when the knockout changes nothing, rounding can leave about -1e-11
             sums[layer][group] = max(0.0, float(kl))
             bar.update(1)
-    batch.reference_logprobs = None
     replay.outputs = {}
     return sums
 
 
 def _modalities_present(
-    model, batches: list[CalibrationBatch], allowed: tuple[str, ...], group: Ranks
+    model: Any, calibration: CalibrationSet, plan: _KnockoutPlan, allowed: tuple[str, ...]
 ) -> list[str]:
-    """Modalities with tokens in the calibration data, counted by the patched model itself over
-    the batches of every rank."""
-
-    def my_counts() -> dict[int, SlotCounts]:
-        engine.reset_stats(model)
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch.inputs, use_cache=False)
-        counts = engine.slot_counts(model)
-        engine.reset_stats(model)
-        return {group.rank: counts}
-
-    total: SlotCounts = {}
-    for counts in group.gather(my_counts).values():
-        total = add_counts(total, counts)
-    counts = stats_from_counts(total)["per_modality"]
+    """Modalities with tokens in the calibration data, counted by the patched model itself (the
+    knockout plan with no target skips nothing) over the batches of every rank."""
+    plan.target.clear()
+    counts = measure(model, calibration, plan, kl=False).stats["per_modality"]
     present = [m for m in allowed if counts.get(m, {}).get("total_slots", 0) > 0]
     if not present:
         raise ValueError("calibration samples contain no text or media tokens")

@@ -36,13 +36,12 @@ Semantics = Literal["modes", "release"]
 SEMANTICS: tuple[str, ...] = get_args(Semantics)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationBatch:
-    """Inputs of one batch, where its answer logits are, and the unskipped model's log-probs there."""
+    """Inputs of one teacher-forced batch and where its scored logits are."""
 
     inputs: dict[str, torch.Tensor]
     logit_mask: torch.Tensor  # [B, L] bool
-    reference_logprobs: torch.Tensor | None = None  # [A, V], A = answer tokens in the batch
 
     @property
     def answer_tokens(self) -> int:
@@ -120,8 +119,7 @@ def answer_logprobs(model: Any, batch: CalibrationBatch) -> torch.Tensor:
     return F.log_softmax(logits[batch.logit_mask].float(), dim=-1)
 
 
-def answer_kl(model: Any, batch: CalibrationBatch) -> torch.Tensor:
-    """Sum over the batch's answer tokens of KL(p_reference || p_model), a 0-dim tensor."""
-    logprobs = answer_logprobs(model, batch)
-    reference = batch.reference_logprobs
-    return F.kl_div(logprobs, reference, log_target=True, reduction="sum")
+def answer_kl(model: Any, batch: CalibrationBatch, reference: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch's answer tokens of KL(p_reference || p_model), a 0-dim tensor;
+    ``reference``: the unskipped log-probs [A, V] there (`answer_logprobs`)."""
+    return F.kl_div(answer_logprobs(model, batch), reference, log_target=True, reduction="sum")

@@ -55,15 +55,21 @@ class PrefixReplay:
     def replaying(self, first_recomputed_layer: int) -> Iterator[None]:
         """Encoders and layers ``< first_recomputed_layer`` return their recordings.
 
-        Modules the recorded pass did not call (an image encoder on a text-only batch) are left alone.
+        Modules the recorded pass did not call (an image encoder on a text-only batch) are left
+        alone. A ``forward`` a module already had on the instance (accelerate's dispatch hooks
+        live there) is put back afterwards, not deleted.
         """
         prefix = [*self.encoders, *self.layers[:first_recomputed_layer]]
         modules = [m for m in prefix if id(m) in self.outputs]
+        own_forwards = [m.__dict__.get("forward") for m in modules]
         for module in modules:
             recorded = self.outputs[id(module)]
             module.forward = lambda *args, _out=recorded, **kwargs: copy.copy(_out)
         try:
             yield
         finally:
-            for module in modules:
-                del module.forward  # back to the class's forward
+            for module, forward in zip(modules, own_forwards, strict=True):
+                if forward is None:
+                    del module.forward  # back to the class's forward
+                else:
+                    module.forward = forward

@@ -17,9 +17,7 @@ from torch import nn
 
 from modes import engine
 from modes.adapters.registry import UnsupportedModelError, spec_for
-from modes.calibration.kl import prepare_batches
-from modes.data.sample import Sample
-from modes.loading import input_device
+from modes.calibration.kl import CalibrationBatch
 
 __all__ = ["expert_outputs", "expert_similarity", "linear_cka"]
 
@@ -47,12 +45,7 @@ def expert_outputs(experts: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_similarity(
-    model: Any,
-    processor: Any,
-    samples: Sequence[Sample],
-    tokens_per_layer: int = 256,
-    batch_size: int = 16,
-    seed: int = 0,
+    model: Any, batches: Sequence[CalibrationBatch], tokens_per_layer: int = 256, seed: int = 0
 ) -> dict[str, list[list[float]]]:
     """DiEP's gamma2 table of every MoE layer: {layer: [E x E]}, CKA over the layer mean."""
     if spec_for(model.config.model_type).dense_router:
@@ -60,7 +53,7 @@ def expert_similarity(
             f"{model.config.model_type}: DiEP's similarity table needs an experts module called "
             "with (hidden, top_k_index, top_k_weights); this family computes every expert densely"
         )
-    inputs = _record_expert_inputs(model, processor, samples, batch_size)
+    inputs = _record_expert_inputs(model, batches)
     generator = torch.Generator().manual_seed(seed)
     tables = {}
     for site in engine.moe_sites(model):
@@ -72,10 +65,8 @@ def expert_similarity(
     return tables
 
 
-def _record_expert_inputs(
-    model: Any, processor: Any, samples: Sequence[Sample], batch_size: int
-) -> dict[str, list[torch.Tensor]]:
-    """Experts-module inputs of non-padding tokens, per MoE site, over ``samples``."""
+def _record_expert_inputs(model: Any, batches: Sequence[CalibrationBatch]) -> dict[str, list[torch.Tensor]]:
+    """Experts-module inputs of non-padding tokens, per MoE site, over ``batches``."""
     inputs: dict[str, list[torch.Tensor]] = {}
     current: dict[str, torch.Tensor] = {}
     handles = []
@@ -88,8 +79,7 @@ def _record_expert_inputs(
 
         handles.append(site.module.register_forward_pre_hook(record))
     try:
-        device = input_device(model)
-        for batch in prepare_batches(processor, samples, batch_size, device):
+        for batch in batches:
             current["valid"] = batch.inputs["attention_mask"].reshape(-1).bool()
             model(**batch.inputs, use_cache=False)
     finally:

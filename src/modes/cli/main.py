@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modes.defaults import COMPARE_GRID_SIZE, DEFAULT_GAMMAS, SEARCH_GRID_SIZE
+
 __all__ = ["build_parser", "main"]
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
@@ -168,7 +170,7 @@ def _grid(args: argparse.Namespace, importance: Any) -> Any:
     """``--grid-*``: a covering grid of that size for each gamma, or a fixed `GridSpec` (a linear
     covering grid of MoDES's own alphas covers every tempered set too: tempering lowers the
     largest alpha)."""
-    from modes.search.grid import GridSpec
+    from modes.thresholds.grid import GridSpec
 
     if args.grid_x_max == "auto" and args.grid_mapping == "sigmoid":
         return args.grid_size
@@ -179,33 +181,28 @@ def _grid(args: argparse.Namespace, importance: Any) -> Any:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from modes.io import write_json_atomic
-    from modes.search.frontier import search
+    from modes.thresholds.frontier import SearchConfig, search
 
     importance, samples = _importance(args.importance), _samples(args)
     model, processor = _load_model(args.model)
     cache = args.cache or f"{args.out}.cache.jsonl"
     args.resume_hint = f"points evaluated so far are in {cache}; rerun the same command to resume"
-    result = search(
-        model,
-        processor,
-        samples,
-        importance,
-        args.target,
+    config = SearchConfig(
         grid=_grid(args, importance),
         method=args.method,
-        cache=cache,
         batch_size=args.batch_size,
         max_evaluations=args.max_evaluations,
         target_of=args.target_of,
-        gammas=_resolved_gammas(args.gamma),
+        gammas=args.gamma,
     )
+    result = search(model, processor, samples, importance, args.target, config, cache=cache)
     best = result.best
     thresholds = ", ".join(f"tau_{m}={t:.5f}" for m, t in best.thresholds.items())
     gamma = result.plan.provenance["tempered_gamma"]
     print(
         f"target {args.target:.2f} of the {args.target_of} slots: gamma {gamma:g}, {thresholds}; "
         "calibration skip ratio "
-        f"{best.g_skippable:.4f} of the skippable slots, {best.g:.4f} of all; KL {best.f:.5f}; "
+        f"{best.ratios.skippable:.4f} of the skippable slots, {best.ratios.all:.4f} of all; KL {best.f:.5f}; "
         f"{len(result.points)} points evaluated ({result.evaluations} new)"
     )
     _output(lambda: result.plan.save(args.out))
@@ -268,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.batch_size,
         args.target_of,
         cache,
-        gammas=_resolved_gammas(args.gamma),
+        gammas=args.gamma,
     )
     _output(lambda: result.importance.save(out / "importance.json"))
     _plot("plot_importance", result.importance, out / "importance.png")
@@ -285,7 +282,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from modes.calibration.importance import calibrate
     from modes.data.samples import load_samples
     from modes.evaluation.compare import METHODS, compare
     from modes.evaluation.report import compare_markdown
@@ -298,20 +294,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
     model, processor = _load_model(args.model)
-    importance = calibrate(model, processor, calibration, mode=args.alpha_mode, batch_size=args.batch_size)
     out = Path(args.out)
     report = compare(
         model,
         processor,
         calibration,
         test,
-        importance,
+        None,  # calibrated inside, on the calibration set every method reuses
         args.targets,
         methods,
         args.grid_size,
         args.batch_size,
         target_of=args.target_of,
         cache=out.with_suffix(".cache.jsonl"),
+        alpha_mode=args.alpha_mode,
     )
     markdown = compare_markdown(report)
     print(markdown)
@@ -429,30 +425,18 @@ def _add_target_of(parser: argparse.ArgumentParser) -> None:
 
 def _gammas(text: str) -> tuple[float, ...]:
     if text == "auto":
-        return (
-            0.0,
-            0.25,
-            0.5,
-            0.75,
-            1.0,
-        )  # modes.search.frontier.DEFAULT_GAMMAS (not imported: --help stays light)
+        return DEFAULT_GAMMAS
     try:
         return (float(text),)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from error
 
 
-def _resolved_gammas(gamma: str | tuple[float, ...]) -> tuple[float, ...]:
-    from modes.search.frontier import DEFAULT_GAMMAS
-
-    return DEFAULT_GAMMAS if gamma == "auto" else gamma
-
-
 def _add_gamma(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gamma",
         type=_gammas,
-        default="auto",
+        default=DEFAULT_GAMMAS,
         help="alpha exponent of the scores: auto picks 0 (DMT only), .25, .5, .75 or 1 (MoDES as published) "
         "by calibration KL; a number searches that one",
     )
@@ -578,7 +562,7 @@ def _add_search_command(commands: Any) -> None:
         "--target", type=_target, required=True, help="target skip ratio in (0, 1), e.g. 0.88"
     )
     _add_target_of(search)
-    _add_grid(search, grid_size=100, x_max="auto")
+    _add_grid(search, grid_size=SEARCH_GRID_SIZE, x_max="auto")
     _add_gamma(search)
     search.add_argument(
         "--method",
@@ -618,7 +602,7 @@ def _add_demo_command(commands: Any) -> None:
     _add_target_of(demo)
     demo.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
     demo.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
-    demo.add_argument("--grid-size", type=int, default=24, help="D, thresholds per modality")
+    demo.add_argument("--grid-size", type=int, default=COMPARE_GRID_SIZE, help="D, thresholds per modality")
     _add_gamma(demo)
     demo.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     demo.add_argument(
@@ -676,7 +660,9 @@ def _add_compare_command(commands: Any) -> None:
     )
     compare.add_argument("--calibration-samples", type=int, default=256, help="calibration split samples")
     compare.add_argument("--test-samples", type=int, default=None, help="test split samples (default: all)")
-    compare.add_argument("--grid-size", type=int, default=24, help="D, thresholds per modality")
+    compare.add_argument(
+        "--grid-size", type=int, default=COMPARE_GRID_SIZE, help="D, thresholds per modality"
+    )
     compare.add_argument(
         "--alpha-mode", choices=["per_modality", "shared"], default="per_modality", help="calibration mode"
     )
@@ -724,7 +710,7 @@ def _is_user_error(error: Exception) -> bool:
     from modes.adapters.registry import UnsupportedModelError
     from modes.data.samples import DataFileError
     from modes.errors import PlanError
-    from modes.search.frontier import SearchBudgetError, TargetUnreachableError
+    from modes.thresholds.frontier import SearchBudgetError, TargetUnreachableError
 
     known = (
         UserError,

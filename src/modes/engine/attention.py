@@ -97,8 +97,8 @@ class AttentionProbe:
 
     @classmethod
     def attach(cls, layers: dict[int, nn.Module], context: TokenContext) -> AttentionProbe:
-        """``layers``: MoE layer index -> its decoder layer."""
-        modules, original = [], {}
+        """``layers``: MoE layer index -> its decoder layer. Every layer is checked before any is
+        changed, so a refusal leaves the model as it was."""
         for layer, decoder_layer in layers.items():
             attention = getattr(decoder_layer, "self_attn", None)
             if attention is None or getattr(attention, "config", None) is None:
@@ -106,6 +106,9 @@ class AttentionProbe:
                     f"decoder layer {layer} ({type(decoder_layer).__name__}) has no `self_attn` "
                     "module with a config, which token protection (mc_moe) needs"
                 )
+        modules, original = [], {}
+        for layer, decoder_layer in layers.items():
+            attention = decoder_layer.self_attn
             config = attention.config
             if id(config) not in original:
                 implementation = config._attn_implementation or "eager"

@@ -181,16 +181,16 @@ def apply(
     )
     context = TokenContext.for_model(model.config, spec, special)
     wrappers = [_wrap(site, plan, spec, context, _routed_scale(model, spec), options) for site in sites]
-    for site, wrapper in zip(sites, wrappers, strict=True):  # all built first: errors leave no trace
+    probe = None  # attached (or refused) before anything is installed: errors leave no trace
+    if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in wrappers):
+        layers = decoder_layers(model, [site.name for site in sites])
+        probe = AttentionProbe.attach({site.layer: layers[site.layer] for site in sites}, context)
+    for site, wrapper in zip(sites, wrappers, strict=True):
         setattr(site.parent, site.attr, wrapper)
     hooks = [
         model.register_forward_pre_hook(_context_hook(context), with_kwargs=True),
         model.register_forward_hook(lambda *_: context.clear(), always_call=True),
     ]
-    probe = None
-    if any(getattr(wrapper.rule, "needs_attention", False) for wrapper in wrappers):
-        layers = decoder_layers(model, [site.name for site in sites])
-        probe = AttentionProbe.attach({site.layer: layers[site.layer] for site in sites}, context)
     setattr(model, _ATTR, _Patch(sites, wrappers, hooks, context, plan, probe))
     return model
 

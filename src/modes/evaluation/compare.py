@@ -32,16 +32,17 @@ from typing import Any
 from tqdm import tqdm
 
 from modes.calibration.baselines import median_top2_ratio, scaled_to_target
+from modes.calibration.calibration_set import CalibrationSet
 from modes.calibration.importance import Importance, calibrate
-from modes.calibration.kl import CalibrationBatch, prepare_batches
 from modes.calibration.similarity import expert_similarity
 from modes.data.sample import Sample
+from modes.defaults import COMPARE_GRID_SIZE, DEFAULT_GAMMAS
 from modes.evaluation.evaluate import evaluate
 from modes.evaluation.fidelity import fidelity
-from modes.loading import input_device
 from modes.plan import SkipPlan
 from modes.policies import DiepConfig, KReductionConfig, McMoeConfig, NaeeConfig, PolicyConfig
-from modes.search.frontier import DEFAULT_GAMMAS, TargetOf, search
+from modes.ratios import SkipRatios, TargetOf
+from modes.thresholds.frontier import SearchConfig, search
 
 __all__ = ["METHODS", "calibrate_method", "compare"]
 
@@ -63,53 +64,63 @@ METHODS = (
 
 @dataclass
 class Setting:
-    """One comparison's model and calibration data; what several methods share is computed once."""
+    """One comparison's model and calibration data; what several methods share is computed once:
+    the calibration sets (each reference forward runs once per process), the release's alphas,
+    the baselines' statistics."""
 
     model: Any
     processor: Any
-    calibration: Sequence[Sample]
+    calibration: CalibrationSet  # modes' KL positions
     importance: Importance
-    grid_size: int
-    batch_size: int
-    target_of: TargetOf = "skippable"
+    config: SearchConfig  # grid size and target_of; each method sets gammas and tied
     cache: Path | None = None  # one file for every search of the comparison (keyed lines)
+    samples: Sequence[Sample] = ()  # the calibration samples (the release's set encodes them again)
 
     @cached_property
-    def batches(self) -> list[CalibrationBatch]:
-        return prepare_batches(self.processor, self.calibration, self.batch_size, input_device(self.model))
+    def release_calibration(self) -> CalibrationSet:
+        """The same samples at the release's KL positions."""
+        return CalibrationSet.build(
+            self.model, self.processor, self.samples, self.calibration.batch_size, semantics="release"
+        )
 
     @cached_property
     def median_top2_ratio(self) -> dict[int, float]:
         """NAEE's beta(l), also MC-MoE's beta and DiEP's gamma1."""
-        return median_top2_ratio(self.model, self.batches)
+        return median_top2_ratio(self.model, self.calibration)
 
     @cached_property
     def expert_similarity(self) -> dict[str, list[list[float]]]:
         """DiEP's gamma2 tables."""
-        return expert_similarity(self.model, self.processor, self.calibration, batch_size=self.batch_size)
+        return expert_similarity(self.model, self.calibration.batches)
 
     @cached_property
     def release_importance(self) -> Importance:
         """Alphas with the release's calibration semantics."""
-        return self.calibrate(semantics="release")
+        return self.calibrate(self.release_calibration, semantics="release")
 
-    def calibrate(self, **options: Any) -> Importance:
+    def calibrate(self, calibration: CalibrationSet | None = None, **options: Any) -> Importance:
+        calibration = calibration or self.calibration
         return calibrate(
-            self.model, self.processor, self.calibration, mode=self.importance.mode,
-            batch_size=self.batch_size, progress=False, **options,
-        )  # fmt: skip
-
-    @property
-    def search_options(self) -> dict[str, Any]:
-        return dict(batch_size=self.batch_size, cache=self.cache, progress=False, target_of=self.target_of)
+            self.model, self.processor, calibration, mode=self.importance.mode, progress=False, **options
+        )
 
 
 def _searched_plan(
     setting: Setting, importance: Importance, target: float, tied: bool, gammas: Sequence[float] = (1.0,)
 ) -> SkipPlan:
-    model, processor, samples = setting.model, setting.processor, setting.calibration
-    options = dict(grid=setting.grid_size, tied=tied, gammas=gammas, **setting.search_options)
-    return search(model, processor, samples, importance, target, **options).plan
+    calibration = setting.release_calibration if importance.semantics == "release" else setting.calibration
+    config = setting.config.with_options(tied=tied, gammas=gammas)
+    result = search(
+        setting.model,
+        setting.processor,
+        calibration,
+        importance,
+        target,
+        config,
+        cache=setting.cache,
+        progress=False,
+    )
+    return result.plan
 
 
 def _partial(setting: Setting, target: float) -> SkipPlan:
@@ -122,13 +133,14 @@ def _k_reduction(setting: Setting, target: float) -> SkipPlan:
     """k' = round(k (1 - target)): exactly the target of the skippable slots where k' is whole."""
     info = setting.importance.model
     policy = KReductionConfig.for_ratio(info.top_k, target)
-    return SkipPlan(policy=policy, model=info, target_ratio=target, target_of="skippable")
+    return SkipPlan(policy=policy, model=info, target_ratio=target, target_of=TargetOf.SKIPPABLE)
 
 
 def _scaled(setting: Setting, target: float, config_at: Callable[[float], PolicyConfig]) -> SkipPlan:
-    info = setting.importance.model
-    key = "skippable_ratio" if setting.target_of == "skippable" else "ratio"
-    return scaled_to_target(setting.model, setting.processor, setting.batches, config_at, target, info, key)
+    info, target_of = setting.importance.model, setting.config.target_of
+    return scaled_to_target(
+        setting.model, setting.processor, setting.calibration, config_at, target, info, target_of
+    )
 
 
 def _naee(setting: Setting, target: float) -> SkipPlan:
@@ -174,18 +186,19 @@ def _row(
     setting: Setting, test: Sequence[Sample], method: str, target: float, baseline: float
 ) -> dict[str, Any]:
     """``method`` calibrated to ``target`` on the calibration samples, evaluated on ``test``."""
-    model, processor, batch_size = setting.model, setting.processor, setting.batch_size
+    model, processor, batch_size = setting.model, setting.processor, setting.calibration.batch_size
     plan = calibrate_method(setting, method, target)
     report = evaluate(model, processor, test, plan=plan, batch_size=batch_size, progress=False)
     # one measure for every method: modes' answer-token KL on the calibration samples
-    kl = fidelity(model, processor, setting.calibration, plan, batch_size, progress=False)["mean_kl"]
+    kl = fidelity(model, processor, setting.calibration, plan, progress=False)["mean_kl"]
+    ratios = SkipRatios.from_stats(report["skip_stats"])
+    target_of = setting.config.target_of
     return {
         "method": method,
         "target": target,
-        "target_of": setting.target_of,
-        "ratio": report["skippable_ratio" if setting.target_of == "skippable" else "skip_ratio"],
-        "ratio_of_all_slots": report["skip_ratio"],
-        "ratio_of_skippable_slots": report["skippable_ratio"],
+        "target_of": target_of.value,
+        "ratio": ratios.of(target_of),
+        **ratios.to_json(),
         "per_modality": report["per_modality"],
         "accuracy": report["accuracy"],
         "accuracy_se": report["accuracy_se"],
@@ -201,26 +214,34 @@ def compare(
     processor: Any,
     calibration: Sequence[Sample],
     test: Sequence[Sample],
-    importance: Importance,
+    importance: Importance | None,
     targets: Sequence[float],
     methods: Sequence[str] = METHODS,
-    grid_size: int = 24,
+    grid_size: int = COMPARE_GRID_SIZE,
     batch_size: int = 32,
-    target_of: TargetOf = "skippable",
+    target_of: TargetOf | str = TargetOf.SKIPPABLE,
     cache: str | Path | None = None,
     progress: bool = True,
+    alpha_mode: str = "per_modality",
 ) -> dict[str, Any]:
     """Accuracy (with its binomial standard error), relative accuracy, realised ratios and the
     calibration KL (answer-token KL on ``calibration``, the same measure for every method) of
     every method at every target, each method calibrated on ``calibration`` and evaluated on
     ``test``. Targets are shares of the skippable slots (like k' of k experts) unless
     ``target_of="all"``. Search points go to ``cache`` (one file; searches with the same alphas
-    share points, across targets and methods; a rerun resumes)."""
+    share points, across targets and methods; a rerun resumes). ``importance`` None calibrates
+    here (``alpha_mode``), on the same calibration set every method then reuses: each reference
+    forward of the calibration samples runs once per process (once more for the release's
+    positions, when a release method is compared)."""
     unknown = sorted(set(methods) - set(CALIBRATORS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(CALIBRATORS)}")
+    calibration_set = CalibrationSet.build(model, processor, calibration, batch_size)
+    if importance is None:
+        importance = calibrate(model, processor, calibration_set, mode=alpha_mode, progress=progress)
+    config = SearchConfig(grid=grid_size, target_of=target_of, batch_size=batch_size)
     cache = Path(cache) if cache else None
-    setting = Setting(model, processor, calibration, importance, grid_size, batch_size, target_of, cache)
+    setting = Setting(model, processor, calibration_set, importance, config, cache, samples=calibration)
     baseline = evaluate(model, processor, test, batch_size=batch_size, progress=False)
     rows = []
     bar = tqdm(total=len(targets) * len(methods), desc="compare", unit="method", disable=not progress)
@@ -233,7 +254,7 @@ def compare(
                       f"accuracy {rows[-1]['accuracy']:.4f}")  # fmt: skip
     bar.close()
     return {
-        "target_of": target_of,
+        "target_of": config.target_of.value,
         "baseline": {k: baseline[k] for k in ("accuracy", "accuracy_se", "per_skill", "samples")},
         "rows": rows,
         "mean_relative": {

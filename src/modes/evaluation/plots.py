@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modes.calibration.importance import Importance
-from modes.search.frontier import SearchResult
+from modes.thresholds.frontier import SearchResult
 
 __all__ = ["plot_compare", "plot_importance", "plot_search"]
 
@@ -50,7 +50,7 @@ def plot_search(result: SearchResult, path: str | Path) -> Path:
     figure, axes = plt.subplots(figsize=(6.5, 5))
     if len(names) == 1:
         xs = [p.thresholds[names[0]] for p in result.points]
-        axes.plot(xs, [p.ratio(of) for p in result.points], "o", label=ratio_name)
+        axes.plot(xs, [p.ratios.of(of) for p in result.points], "o", label=ratio_name)
         axes.plot(xs, [p.f for p in result.points], "s", label="f (KL)")
         axes.axvline(result.best.thresholds[names[0]], color="red", label="chosen")
         axes.set_xlabel(f"tau_{names[0]}")
@@ -60,7 +60,7 @@ def plot_search(result: SearchResult, path: str | Path) -> Path:
         scatter = axes.scatter(
             [p.thresholds[x_name] for p in result.points],
             [p.thresholds[y_name] for p in result.points],
-            c=[p.ratio(of) for p in result.points],
+            c=[p.ratios.of(of) for p in result.points],
             s=[20 + 400 * min(1.0, p.f / max(1e-12, max(q.f for q in result.points))) for p in result.points],
             cmap="viridis",
             edgecolors="k",

@@ -9,30 +9,31 @@ resumes without recomputing a point.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from tqdm import tqdm
 
-from modes import engine
+from modes.calibration.calibration_set import CalibrationSet, measure
 from modes.calibration.importance import Importance
-from modes.calibration.kl import CalibrationBatch, answer_kl, answer_logprobs, prepare_batches
 from modes.data.sample import Sample
-from modes.engine import SlotCounts, add_counts, stats_from_counts
-from modes.loading import input_device
-from modes.parallel import Ranks, ranks
+from modes.defaults import DEFAULT_GAMMAS, SEARCH_GRID_SIZE
+from modes.parallel import Ranks
 from modes.plan import SkipPlan
-from modes.search.grid import GridSpec
+from modes.ratios import SkipRatios, TargetOf
+from modes.thresholds.grid import GridSpec
 
 __all__ = [
     "DEFAULT_GAMMAS",
     "SearchBudgetError",
+    "SearchConfig",
     "SearchPoint",
     "SearchResult",
     "TargetUnreachableError",
@@ -52,8 +53,51 @@ class SearchBudgetError(RuntimeError):
     """The evaluation budget ran out; rerun with the same cache to resume."""
 
 
-TargetOf = Literal["skippable", "all"]
-TARGET_OF: tuple[str, ...] = ("skippable", "all")
+Method = Literal["frontier", "exhaustive"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How thresholds are searched: everything but the data, the alphas and the target.
+
+    ``grid``: points per modality of a grid whose largest tau skips every skippable slot for
+    each gamma (default 100), or a `GridSpec` (``GridSpec()`` is the release's own grid, tuned
+    for 48-layer models). ``gammas``: the alpha exponents tried (`Importance.tempered`; 1 is
+    MoDES's own alphas). ``target_of``: what the target is a share of. ``tied``: one threshold
+    for every modality. ``max_evaluations``: a budget of computed points (a rerun resumes).
+    """
+
+    grid: GridSpec | int | None = None
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    target_of: TargetOf = TargetOf.SKIPPABLE
+    method: Method = "frontier"
+    modalities: tuple[str, ...] | None = None
+    tied: bool = False
+    max_evaluations: int | None = None
+    batch_size: int = 16  # samples per forward, when the search encodes the samples itself
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
+        object.__setattr__(self, "target_of", TargetOf.parse(self.target_of))
+        if self.modalities is not None:
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+        if not self.gammas:
+            raise ValueError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
+        if not all(math.isfinite(g) and g >= 0 for g in self.gammas):
+            raise ValueError(f"gammas must be finite and >= 0, got {self.gammas}")
+        if self.method not in ("frontier", "exhaustive"):
+            raise ValueError(f"method must be 'frontier' or 'exhaustive', not {self.method!r}")
+
+    def with_options(self, **options: Any) -> SearchConfig:
+        """A copy with ``options`` (field names) changed; an unknown name is refused by name."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown search options {unknown}; SearchConfig fields are {_field_names()}")
+        return dataclasses.replace(self, **options)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(SearchConfig)]
 
 
 @dataclass(frozen=True)
@@ -61,21 +105,20 @@ class SearchPoint:
     index: Index
     thresholds: dict[str, float]
     f: float  # mean KL(p_orig || p_skip) over calibration answer tokens
-    g: float  # skip ratio over all routed slots of non-padding calibration tokens (algorithm.md 3)
-    g_skippable: float | None = None  # the same over the skippable (non-special) tokens' slots
-
-    def ratio(self, of: TargetOf) -> float:
-        """The skip ratio a target ``of`` the skippable or of all slots is compared with."""
-        return self.g if of == "all" else self.g_skippable
+    ratios: SkipRatios  # skip ratio of the skippable and of all calibration slots (algorithm.md 3)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": list(self.index),
             "thresholds": self.thresholds,
             "f": self.f,
-            "g": self.g,
-            "g_skippable": self.g_skippable,
+            **self.ratios.to_json(),
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchPoint:
+        ratios = SkipRatios(data["ratio_of_skippable_slots"], data["ratio_of_all_slots"])
+        return cls(tuple(data["index"]), data["thresholds"], data["f"], ratios)
 
 
 @dataclass
@@ -100,7 +143,7 @@ class SearchResult:
 
 # -- the walks, on an abstract evaluate(index) -> SearchPoint ----------------------------------
 def _all_slots(point: SearchPoint) -> float:
-    return point.g
+    return point.ratios.all
 
 
 Ratio = Callable[[SearchPoint], float]
@@ -176,18 +219,19 @@ def _unreachable(target: float, largest: SearchPoint | None, ratio: Ratio = _all
 def unreachable_message(target: float, of: TargetOf, corner: SearchPoint) -> str:
     """Why ``target`` cannot be reached when even the grid's largest thresholds (``corner``)
     fall short, naming what caps it and the fix that helps."""
-    special_share = 1.0 - corner.g / corner.g_skippable if corner.g_skippable else 0.0
-    if of == "all" and corner.g_skippable >= 1.0 - 1e-9:
+    ratios = corner.ratios
+    special_share = 1.0 - ratios.all / ratios.skippable if ratios.skippable else 0.0
+    if of is TargetOf.ALL and ratios.skippable >= 1.0 - 1e-9:
         return (
             f"target skip ratio {target:.4f} of all slots is unreachable: special tokens (chat markup, "
             f"media start/end) hold {special_share:.1%} of the slots and are never skipped, so at most "
-            f"{corner.g:.4f} of all slots can be skipped on these samples; give a target of at most "
+            f"{ratios.all:.4f} of all slots can be skipped on these samples; give a target of at most "
             "that, or a target of the skippable slots (--target-of skippable, the default)"
         )
     return (
         f"target skip ratio {target:.4f} of the {of} slots is unreachable with this grid: its largest "
-        f"thresholds {corner.thresholds} skip {corner.ratio(of):.4f} of them "
-        f"({corner.g_skippable:.4f} of the skippable slots, {corner.g:.4f} of all); widen the grid "
+        f"thresholds {corner.thresholds} skip {ratios.of(of):.4f} of them "
+        f"({ratios.skippable:.4f} of the skippable slots, {ratios.all:.4f} of all); widen the grid "
         "(--grid-x-max auto makes the largest tau skip every skippable slot) or lower --target"
     )
 
@@ -224,9 +268,7 @@ class PointCache:
             if "fingerprint" in data:
                 known = True
                 continue
-            point = SearchPoint(
-                tuple(data["index"]), data["thresholds"], data["f"], data["g"], data["g_skippable"]
-            )
+            point = SearchPoint.from_json(data)
             self.points[point.index] = point
         return known
 
@@ -243,29 +285,23 @@ class PointCache:
 
 
 class PointEvaluator:
-    """f and g of one threshold setting from a single pass over the calibration batches, this
-    rank's share of them (``batches``: (global index, batch)) combined with the others'."""
+    """f and g of one threshold setting: one `measure` of the calibration set under the plan."""
 
     def __init__(
         self,
-        model,
+        model: Any,
         importance: Importance,
-        batches: list[tuple[int, CalibrationBatch]],
-        answer_tokens: int,
-        special_ids,
+        calibration: CalibrationSet,
+        special_ids: list[int],
         budget: int | None,
-        group: Ranks,
     ):
-        self.model, self.importance, self.batches = model, importance, batches
-        self.answer_tokens = answer_tokens
+        self.model, self.importance, self.calibration = model, importance, calibration
         self.special_ids = special_ids
         self.budget = budget
-        self.group = group
         self.computed = 0
 
-    @torch.no_grad()
-    def __call__(self, thresholds: dict[str, float]) -> tuple[float, float, float]:
-        """(f, g over all slots, g over the skippable slots)."""
+    def __call__(self, thresholds: dict[str, float]) -> tuple[float, SkipRatios]:
+        """(f, the skip ratios)."""
         if self.budget is not None and self.computed >= self.budget:
             raise SearchBudgetError(f"evaluation budget of {self.budget} points used; rerun to resume")
         plan = SkipPlan(
@@ -274,84 +310,52 @@ class PointEvaluator:
             model=self.importance.model,
             special_token_ids=self.special_ids,
         )
-
-        def my_batches() -> dict[int, tuple[float, SlotCounts]]:
-            results = {}
-            with engine.applied(self.model, plan):
-                for index, batch in self.batches:
-                    engine.reset_stats(self.model)
-                    results[index] = (float(answer_kl(self.model, batch)), engine.slot_counts(self.model))
-            return results
-
-        per_batch = self.group.gather(my_batches)  # global batch order: the one-process sum
-        kl, counts = 0.0, {}
-        for batch_kl, batch_counts in per_batch.values():
-            kl += batch_kl
-            counts = add_counts(counts, batch_counts)
-        stats = stats_from_counts(counts)
+        measured = measure(self.model, self.calibration, plan)
         self.computed += 1
-        return kl / self.answer_tokens, stats["ratio"], stats["skippable_ratio"]
-
-
-DEFAULT_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+        return measured.mean_kl, measured.ratios
 
 
 def search(
     model: Any,
     processor: Any,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | CalibrationSet,
     importance: Importance,
     target: float,
-    grid: GridSpec | int | None = None,
-    method: Literal["frontier", "exhaustive"] = "frontier",
-    modalities: Sequence[str] | None = None,
+    config: SearchConfig | None = None,
+    *,
     cache: str | Path | None = None,
-    batch_size: int = 16,
-    max_evaluations: int | None = None,
     special_token_ids: Sequence[int] | None = None,
-    tied: bool = False,
     progress: bool = True,
-    target_of: TargetOf = "skippable",
-    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    **options: Any,
 ) -> SearchResult:
     """Thresholds that reach skip ratio ``target`` on ``samples`` with the least answer KL.
 
-    Tempered GMLG: the scores use alphas ``importance.tempered(gamma)`` (alpha^gamma,
-    renormalised) for each gamma of ``gammas``, each searched on its own, and the result of
-    least calibration KL is kept. gamma = 0 is DMT only (uniform alphas), 1 is MoDES as
-    published, so the choice nests both and is made on ``samples`` alone; ``gammas=(1.0,)``
-    searches MoDES's own alphas only. ``result.evaluations`` counts the points computed for
-    every gamma.
+    ``samples``: the calibration samples, or a `CalibrationSet` built with the importance's
+    semantics (its reference log-probs are then reused, not recomputed). ``config``: a
+    `SearchConfig`; ``options`` change its fields for this call (``grid=24, gammas=(1.0,)``).
 
-    ``target_of``: ``"skippable"`` (default) reads the target as a share of the slots of
-    skippable tokens, like the paper's k' of k experts; ``"all"`` as a share of all slots,
-    special tokens (never skipped) included. The grid's largest thresholds are evaluated first,
-    so an unreachable target fails after one evaluation, naming what caps it. ``tied=True``
-    searches one threshold shared by every modality (the single-tau ablations). ``grid``: a
-    `GridSpec`, or the points per modality of a grid (release's sigmoid mapping) whose largest
-    tau skips every skippable slot for each gamma, whatever the model's depth (default 100);
-    ``GridSpec()`` is the release's own grid, tuned for 48-layer models. Points go to ``cache`` as they are
-    computed: a rerun resumes, and searches for other targets with the same importance,
-    samples and grid reuse them.
+    Tempered GMLG: the scores use alphas ``importance.tempered(gamma)`` (alpha^gamma,
+    renormalised) for each gamma of ``config.gammas``, each searched on its own, and the result
+    of least calibration KL is kept. gamma = 0 is DMT only (uniform alphas), 1 is MoDES as
+    published, so the choice nests both and is made on ``samples`` alone. ``result.evaluations``
+    counts the points computed for every gamma. The grid's largest thresholds are evaluated
+    first, so an unreachable target fails after one evaluation, naming what caps it. Points go
+    to ``cache`` as they are computed: a rerun resumes, and searches for other targets with the
+    same importance, samples and grid reuse them.
     """
-    if not gammas:
-        raise ValueError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
+    config = (config or SearchConfig()).with_options(**options)
     if not 0.0 < target < 1.0:
         raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
-    if target_of not in TARGET_OF:
-        raise ValueError(f"target_of must be one of {list(TARGET_OF)}, not {target_of!r}")
     tokenizer = getattr(processor, "tokenizer", processor)
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
-    data = _CalibrationData.of(
-        model, processor, samples, batch_size, importance.semantics
-    )  # once: every gamma
+    calibration = CalibrationSet.of(model, processor, samples, config.batch_size, importance.semantics)
     results: dict[float, SearchResult] = {}
-    budget = max_evaluations
-    for gamma in gammas:
+    budget = config.max_evaluations
+    for gamma in config.gammas:
         alphas = importance if gamma == 1 else importance.tempered(gamma)
         results[gamma] = _search_alphas(
-            model, samples, data, alphas, target, _grid_for(grid, alphas, tied),
-            method, modalities, cache, budget, special_ids, tied, progress, target_of,
+            model, calibration, alphas, target, config, cache=cache, budget=budget,
+            special_ids=special_ids, progress=progress,
         )  # fmt: skip
         budget = None if budget is None else budget - results[gamma].evaluations
     gamma, best = min(results.items(), key=lambda item: item[1].best.f)
@@ -367,97 +371,72 @@ def _grid_for(grid: GridSpec | int | None, importance: Importance, tied: bool) -
     if isinstance(grid, GridSpec):
         return grid
     scores = importance.max_alphas()
-    return GridSpec.covering({"text": max(scores.values())} if tied else scores, size=grid or 100)
-
-
-@dataclass
-class _CalibrationData:
-    """This rank's share of the calibration batches, with the unskipped model's log-probs at
-    their KL positions, and the answer tokens of all of them: the same for every gamma."""
-
-    group: Ranks
-    mine: list[tuple[int, CalibrationBatch]]
-    answer_tokens: int
-
-    @classmethod
-    def of(
-        cls, model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, semantics: str
-    ) -> _CalibrationData:
-        group = ranks()
-        batches = prepare_batches(processor, samples, batch_size, input_device(model), semantics)
-        mine = group.share(batches)
-        with torch.no_grad():
-            for _, batch in mine:
-                batch.reference_logprobs = answer_logprobs(model, batch)
-        return cls(group, mine, sum(batch.answer_tokens for batch in batches))
+    return GridSpec.covering(
+        {"text": max(scores.values())} if tied else scores, size=grid or SEARCH_GRID_SIZE
+    )
 
 
 def _search_alphas(
     model: Any,
-    samples: Sequence[Sample],
-    data: _CalibrationData,
+    calibration: CalibrationSet,
     importance: Importance,
     target: float,
-    grid: GridSpec,
-    method: Literal["frontier", "exhaustive"],
-    modalities: Sequence[str] | None,
+    config: SearchConfig,
+    *,
     cache: str | Path | None,
-    max_evaluations: int | None,
+    budget: int | None,
     special_ids: list[int],
-    tied: bool,
     progress: bool,
-    target_of: TargetOf,
 ) -> SearchResult:
     """The frontier search of `search` for one set of alphas."""
-    searched = ["text"] if tied else list(modalities or importance.modalities[:2])
+    searched = ["text"] if config.tied else list(config.modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
         raise ValueError(f"search one or two modalities, not {searched}")
-    fingerprint = {**_fingerprint(importance, samples, grid, searched, special_ids), "tied": tied}
-    group = data.group
+    grid = _grid_for(config.grid, importance, config.tied)
+    fingerprint = {**_fingerprint(importance, calibration, grid, searched, special_ids), "tied": config.tied}
+    group = calibration.group
     store = _shared_cache(group, cache, fingerprint)
-    measure = PointEvaluator(
-        model, importance, data.mine, data.answer_tokens, special_ids, max_evaluations, group
-    )
-    thresholds_at = _thresholds_at(importance, grid, searched, tied)
-    bar = _progress_bar(method, grid.size, len(searched), target, progress and group.is_main)
+    measure_point = PointEvaluator(model, importance, calibration, special_ids, budget)
+    thresholds_at = _thresholds_at(importance, grid, searched, config.tied)
+    bar = _progress_bar(config.method, grid.size, len(searched), target, progress and group.is_main)
 
     def evaluate(index: Index) -> SearchPoint:
         if index not in store.points:
             thresholds = thresholds_at(index)
-            store.add(SearchPoint(index, thresholds, *measure(thresholds)))
+            store.add(SearchPoint(index, thresholds, *measure_point(thresholds)))
         point = store.points[index]
         bar.update(1)
-        bar.set_postfix(ratio=f"{point.ratio(target_of):.3f}", kl=f"{point.f:.4f}")
+        bar.set_postfix(ratio=f"{point.ratios.of(config.target_of):.3f}", kl=f"{point.f:.4f}")
         return point
 
     try:
-        best, frontier = _walk(method, evaluate, grid.size, len(searched), target, target_of)
+        best, frontier = _walk(config.method, evaluate, grid.size, len(searched), target, config.target_of)
     finally:
         bar.close()
     provenance = {
-        "method": method,
+        "method": config.method,
         "grid": grid.to_json(),
-        "samples": len(samples),
+        "samples": calibration.samples,
         "calibration_kl": best.f,
-        "ratio_of_all_slots": best.g,
-        "ratio_of_skippable_slots": best.g_skippable,
+        **best.ratios.to_json(),
         "alpha_mode": importance.mode,
         "semantics": importance.semantics,  # the KL positions of calibration and of f
         "evaluations": len(store.points),
-        "tied_thresholds": tied,
+        "tied_thresholds": config.tied,
     }
     plan = SkipPlan(
         importance.alphas,
         best.thresholds,
         model=importance.model,
         target_ratio=target,
-        target_of=target_of,
-        achieved_ratio=best.ratio(target_of),
+        target_of=config.target_of,
+        achieved_ratio=best.ratios.of(config.target_of),
         special_token_ids=special_ids,
         provenance=provenance,
     )
     points = sorted(store.points.values(), key=lambda p: p.index)
-    return SearchResult(plan, best, frontier, points, measure.computed, {m: grid.taus(m) for m in searched})
+    grids = {m: grid.taus(m) for m in searched}
+    return SearchResult(plan, best, frontier, points, measure_point.computed, grids)
 
 
 def _shared_cache(group: Ranks, path: str | Path | None, fingerprint: dict[str, Any]) -> PointCache:
@@ -511,7 +490,7 @@ def _walk(
     """The ceiling first (one evaluation at the largest thresholds), then the walk ``method``."""
 
     def ratio(point: SearchPoint) -> float:
-        return point.ratio(target_of)
+        return point.ratios.of(target_of)
 
     corner = evaluate((size - 1,) * dims)
     if ratio(corner) < target:
@@ -524,19 +503,16 @@ def _walk(
 
 
 def _fingerprint(
-    importance: Importance, samples: Sequence[Sample], grid: GridSpec, searched, special_ids
+    importance: Importance, calibration: CalibrationSet, grid: GridSpec, searched, special_ids
 ) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(f"{sample.id}\x00{sample.question}\x00{sample.answer}\x00".encode())
     alphas = json.dumps({str(k): v for k, v in sorted(importance.alphas.items())}, sort_keys=True)
     return {
         "model": importance.model.to_json(),
         "alphas_sha256": hashlib.sha256(alphas.encode()).hexdigest(),
-        "samples_sha256": digest.hexdigest(),
+        "samples_sha256": calibration.fingerprint,
         "grid": grid.to_json(),
         "modalities": list(searched),
         "special_ids": sorted(special_ids),
         "semantics": importance.semantics,
-        "cache_format": 3,  # keyed lines; points carry g over the skippable slots too
+        "cache_format": 4,  # keyed lines; points carry both skip ratios by name
     }

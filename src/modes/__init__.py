@@ -34,6 +34,8 @@ _EXPORTS = {
     "skip_stats": "modes.engine",
     "execution_info": "modes.engine",
     "PlanError": "modes.errors",
+    "UsageError": "modes.errors",
+    "UserError": "modes.errors",
     "compare": "modes.evaluation",
     "evaluate": "modes.evaluation",
     "bundled_model_path": "modes.loading",
@@ -64,6 +66,8 @@ __all__ = [
     "TargetOf",
     "TargetUnreachableError",
     "UnsupportedModelError",
+    "UsageError",
+    "UserError",
     "__version__",
     "applied",
     "apply",
@@ -116,7 +120,7 @@ if TYPE_CHECKING:
         reset_stats,
         skip_stats,
     )
-    from modes.errors import PlanError
+    from modes.errors import PlanError, UsageError, UserError
     from modes.evaluation import compare, evaluate
     from modes.loading import bundled_model_path, load_model, load_processor
     from modes.plan import SkipPlan

@@ -97,7 +97,7 @@ def bundled_model_path() -> Path:
 
 
 def load_model(
-    name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, **placement: Any
+    name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, **placement: Any
 ) -> tuple[Any, Any]:
     """(model, processor) in eval mode: the bundled model by default, else any local or hub
     checkpoint. ``placement`` goes to ``from_pretrained`` (``device_map``, ``max_memory``,

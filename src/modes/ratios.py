@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from modes.errors import UsageError
+
 __all__ = ["SkipRatios", "TargetOf"]
 
 
@@ -25,7 +27,7 @@ class TargetOf(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"target_of must be one of {[m.value for m in cls]}, not {value!r}") from None
+            raise UsageError(f"target_of must be one of {[m.value for m in cls]}, not {value!r}") from None
 
     def __str__(self) -> str:
         return self.value

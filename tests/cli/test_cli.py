@@ -309,3 +309,73 @@ def test_outputs_follow_the_umask_and_each_gets_a_wrote_line(tmp_path, capsys):
     for path in (importance, importance.with_suffix(".png")):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
         assert f"wrote {path}" in out
+
+
+@pytest.mark.parametrize("command", ["calibrate", "search", "eval", "serve", "compare", "demo", "bench"])
+def test_model_placement_options_reach_load_model(command, monkeypatch, tmp_path):
+    """--dtype, --device-map, --max-memory and --offload-folder: a 30B model on a GPU needs them."""
+    from modes import loading
+    from modes.serving import server
+
+    class LoadedError(Exception):
+        pass
+
+    def record(name=None, **placement):
+        raise LoadedError(placement)
+
+    monkeypatch.setattr(loading, "load_model", record)
+    monkeypatch.setattr(server, "load_model", record)
+    importance = tmp_path / "importance.json"
+    importance.write_text("{}")
+    out = ["--out", str(tmp_path / "out.json")]
+    extra = {"search": ["--importance", str(importance), "--target", "0.5", *out], "calibrate": out}.get(
+        command, []
+    )
+    args = [
+        command,
+        *extra,
+        "--dtype",
+        "bfloat16",
+        "--device-map",
+        "auto",
+        "--max-memory",
+        "0=70GiB,cpu=120GiB",
+    ]
+    args += ["--offload-folder", str(tmp_path)]
+    if command == "search":
+        monkeypatch.setattr(modes.Importance, "load", staticmethod(lambda path: None))
+    with pytest.raises(LoadedError) as loaded:
+        main(args)
+    assert loaded.value.args[0] == {
+        "dtype": torch.bfloat16,
+        "device_map": "auto",
+        "max_memory": {0: "70GiB", "cpu": "120GiB"},
+        "offload_folder": str(tmp_path),
+    }
+
+
+def test_a_malformed_max_memory_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--max-memory", "70GiB"])
+    assert "expected DEVICE=AMOUNT pairs like 0=70GiB,cpu=120GiB" in capsys.readouterr().err
+
+
+def test_only_user_errors_become_one_line(monkeypatch, capsys, tmp_path):
+    """A `modes.errors.UserError` prints its line and exits 2; any other error (a ValueError
+    from a bug, say) keeps its traceback."""
+    from modes.calibration import importance
+    from modes.errors import UsageError
+
+    def failing(error):
+        def calibrate(*args, **kwargs):
+            raise error
+
+        return calibrate
+
+    out = ["--samples", "4", "--out", str(tmp_path / "importance.json")]
+    monkeypatch.setattr(importance, "calibrate", failing(UsageError("knockout must be in (0, 1]")))
+    assert main(["calibrate", *out]) == 2
+    assert "modes calibrate: error: knockout must be in (0, 1]" in capsys.readouterr().err
+    monkeypatch.setattr(importance, "calibrate", failing(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["calibrate", *out])

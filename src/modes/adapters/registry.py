@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modes.errors import UserError
+
 __all__ = [
     "MODALITIES",
     "ModelSpec",
@@ -37,7 +39,7 @@ MARKUP_TOKEN_FIELDS = (
 )
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The model is not in the adapter table (or has no transformers experts modules)."""
 
 

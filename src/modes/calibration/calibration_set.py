@@ -23,6 +23,7 @@ from modes import engine
 from modes.calibration.kl import CalibrationBatch, Semantics, answer_logprobs, prepare_batches
 from modes.data.sample import Sample
 from modes.engine import ApplyOptions, SlotCounts, add_counts, stats_from_counts
+from modes.errors import UsageError
 from modes.loading import input_device
 from modes.parallel import Ranks, ranks
 from modes.ratios import SkipRatios
@@ -54,7 +55,7 @@ class CalibrationSet:
     ) -> CalibrationSet:
         """Encode ``samples`` once (on the model's input device) for the KL positions of ``semantics``."""
         if not samples:
-            raise ValueError("no calibration samples")
+            raise UsageError("no calibration samples")
         batches = prepare_batches(processor, samples, batch_size, input_device(model), semantics)
         digest = hashlib.sha256(f"{semantics}\x00{batch_size}\x00".encode())
         for sample in samples:
@@ -74,7 +75,7 @@ class CalibrationSet:
         if not isinstance(samples, CalibrationSet):
             return cls.build(model, processor, samples, batch_size, semantics)
         if samples.semantics != semantics:
-            raise ValueError(
+            raise UsageError(
                 f"this calibration set scores the {samples.semantics!r} positions, not {semantics!r}: "
                 f"build one with CalibrationSet.build(..., semantics={semantics!r})"
             )

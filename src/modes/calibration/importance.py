@@ -35,7 +35,7 @@ from modes.data.sample import Sample
 from modes.engine import ModelInfo
 from modes.engine.rules import Routing, SkipRule
 from modes.engine.tokens import modality_code
-from modes.errors import PlanError
+from modes.errors import PlanError, UsageError
 from modes.io import write_json_atomic
 
 __all__ = ["Importance", "calibrate"]
@@ -67,7 +67,7 @@ class Importance:
         """Alphas raised to ``gamma`` and renormalised per modality: 0 gives uniform alphas
         (DMT only), 1 these (MoDES); in between, low-importance layers keep more weight."""
         if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+            raise UsageError(f"gamma must be finite and >= 0, got {gamma}")
         alphas: dict[int, dict[str, float]] = {layer: {} for layer in self.alphas}
         for modality in self.modalities:
             powered = {layer: values[modality] ** gamma for layer, values in self.alphas.items()}
@@ -191,11 +191,11 @@ def calibrate(
     section 7). ``knockout``: share of each token's slots skipped at the measured layer (1: all).
     """
     if mode not in ("per_modality", "shared"):
-        raise ValueError(f"mode must be 'per_modality' or 'shared', not {mode!r}")
+        raise UsageError(f"mode must be 'per_modality' or 'shared', not {mode!r}")
     if not 0 < knockout <= 1:
-        raise ValueError(f"knockout must be a share of the slots in (0, 1], got {knockout}")
+        raise UsageError(f"knockout must be a share of the slots in (0, 1], got {knockout}")
     if engine.is_patched(model):
-        raise ValueError("calibrate an unpatched model (call modes.remove(model) first)")
+        raise UsageError("calibrate an unpatched model (call modes.remove(model) first)")
     info = engine.model_info(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     plan = _KnockoutPlan(tuple(special_token_ids or tokenizer.all_special_ids), share=knockout)
@@ -311,7 +311,7 @@ def _modalities_present(
     counts = measure(model, calibration, plan, kl=False).stats["per_modality"]
     present = [m for m in allowed if counts.get(m, {}).get("total_slots", 0) > 0]
     if not present:
-        raise ValueError("calibration samples contain no text or media tokens")
+        raise UsageError("calibration samples contain no text or media tokens")
     return present
 
 
@@ -334,7 +334,7 @@ def _normalise(
             )
             total = 1.0
         if total <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"skipping any layer for {modality} tokens leaves the answers unchanged (KL sum {total}); "
                 "use more calibration samples or samples with answers"
             )

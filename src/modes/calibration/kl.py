@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from modes.data.encoding import answer_logit_mask, encode_teacher_forced, prompt_text
 from modes.data.sample import Sample, batches_by_kind
+from modes.errors import UsageError
 
 __all__ = [
     "SEMANTICS",
@@ -57,7 +58,7 @@ def prepare_batches(
 ) -> list[CalibrationBatch]:
     """Teacher-forced batches of ``samples`` whose KL positions follow ``semantics``."""
     if semantics not in SEMANTICS:
-        raise ValueError(f"semantics must be one of {list(SEMANTICS)}, not {semantics!r}")
+        raise UsageError(f"semantics must be one of {list(SEMANTICS)}, not {semantics!r}")
     batches = []
     header = assistant_header_length(processor) if semantics == "release" else 0
     for group in batches_by_kind(samples, batch_size):
@@ -83,7 +84,7 @@ def release_logit_mask(
     positions = torch.arange(length).expand_as(input_ids)  # [B, L]
     starts = torch.where(input_ids == im_start_id, positions, -1).max(dim=1).values  # [B]
     if bool((starts < 0).any()):
-        raise ValueError("release semantics: a calibration row has no <|im_start|> token")
+        raise UsageError("release semantics: a calibration row has no <|im_start|> token")
     return (positions >= (starts + header_length).unsqueeze(1)) & attention_mask.bool()
 
 
@@ -91,7 +92,7 @@ def _im_start_id(processor: Any) -> int:
     tokenizer = getattr(processor, "tokenizer", processor)
     token_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(
+        raise UsageError(
             "release semantics need a ChatML tokenizer with <|im_start|> (Qwen's), as the release "
             "assumes; calibrate with semantics='modes'"
         )
@@ -106,7 +107,7 @@ def assistant_header_length(processor: Any) -> int:
     opened = prompt_text(processor, Sample("header", "?", "", ""))
     start = opened.rfind("<|im_start|>")
     if start < 0:
-        raise ValueError(
+        raise UsageError(
             "release semantics need a ChatML chat template whose reply opens with <|im_start|> (Qwen's), "
             "as the release assumes; calibrate with semantics='modes'"
         )

@@ -25,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from modes.defaults import COMPARE_GRID_SIZE, DEFAULT_GAMMAS, SEARCH_GRID_SIZE
+from modes.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
-
-
-class UserError(Exception):
-    """A mistake in the command line or its files: printed as one line, never a traceback."""
 
 
 # -- inputs, checked before any model loads ----------------------------------------------------
@@ -58,16 +55,44 @@ def _output_file(example: str) -> Callable[[str], str]:
     return check
 
 
-def _load_model(name: str | None) -> tuple[Any, Any]:
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from modes.loading import load_model
 
+    name = args.model
     if name is not None and _looks_local(name) and not Path(name).exists():
         raise UserError(f"--model {name} does not exist (give a checkpoint directory or a hub id org/name)")
     try:
-        return load_model(name)
+        return load_model(name, **_placement(args))
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load --model {name}: {first}") from error
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model`` keywords of ``--dtype``, ``--device-map``, ``--max-memory``, ``--offload-folder``."""
+    import torch
+
+    placement: dict[str, Any] = {"dtype": "auto" if args.dtype == "auto" else getattr(torch, args.dtype)}
+    if args.device_map is not None:
+        placement["device_map"] = args.device_map
+    if args.max_memory is not None:
+        placement["max_memory"] = args.max_memory
+    if args.offload_folder is not None:
+        placement["offload_folder"] = args.offload_folder
+    return placement
+
+
+def _max_memory(text: str) -> dict[int | str, str]:
+    """``0=70GiB,cpu=120GiB`` -> ``{0: "70GiB", "cpu": "120GiB"}`` (accelerate's max_memory)."""
+    memory: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, _, amount = item.strip().partition("=")
+        if not device or not amount:
+            raise argparse.ArgumentTypeError(
+                f"expected DEVICE=AMOUNT pairs like 0=70GiB,cpu=120GiB, got {text!r}"
+            )
+        memory[int(device) if device.isdigit() else device] = amount
+    return memory
 
 
 def _looks_local(name: str) -> bool:
@@ -147,7 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from modes.evaluation.report import text_table
 
     samples = _samples(args)
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args)
     importance = calibrate(
         model,
         processor,
@@ -184,7 +209,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from modes.thresholds.frontier import SearchConfig, search
 
     importance, samples = _importance(args.importance), _samples(args)
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args)
     cache = args.cache or f"{args.out}.cache.jsonl"
     args.resume_hint = f"points evaluated so far are in {cache}; rerun the same command to resume"
     config = SearchConfig(
@@ -217,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from modes.evaluation.report import text_table
 
     plan, samples, options = _plan(args.plan), _samples(args), _options(args)
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args)
     report = evaluate(model, processor, samples, plan=plan, batch_size=args.batch_size, options=options)
     report.pop("answers")
     report["execution"] = options.execution
@@ -248,7 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args)
     print(
         f"calibrate on {len(calibration)} calibration samples, search targets {args.targets} of the "
         f"{args.target_of} slots, evaluate on {len(test)} test samples"
@@ -293,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or all")
     calibration = load_samples(split="calibration", limit=args.calibration_samples)
     test = load_samples(split="test", limit=args.test_samples)
-    model, processor = _load_model(args.model)
+    model, processor = _load_model(args)
     out = Path(args.out)
     report = compare(
         model,
@@ -331,6 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         execution=_options(args).execution,
         continuous_batching=args.continuous_batching,
         name=args.name,
+        placement=_placement(args),
     )
 
 
@@ -347,9 +373,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     plan = _plan(args.plan)
     allocator = choose_allocator(args.system_malloc)  # before the model's allocations
     if args.shape:
-        model, special = shaped_model(args.shape, args.layers, getattr(torch, args.dtype)), ()
+        dtype = getattr(torch, "float32" if args.dtype == "auto" else args.dtype)
+        model, special = shaped_model(args.shape, args.layers, dtype), ()
     else:
-        model, processor = _load_model(args.model)
+        model, processor = _load_model(args)
         special = processor.tokenizer.all_special_ids
     if plan is None:  # no calibrated plan for random weights: k-reduction gives the ratio exactly
         info = model_info(model)
@@ -398,6 +425,26 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="checkpoint directory or hub id (default: the bundled model)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="weights' dtype (auto: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="accelerate device map: auto, cpu, cuda, ... (default: load on CPU)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        default=None,
+        help="per-device budget for --device-map, e.g. 0=70GiB,cpu=120GiB",
+    )
+    parser.add_argument(
+        "--offload-folder", default=None, help="where --device-map puts what fits nowhere else"
     )
 
 
@@ -623,9 +670,6 @@ def _add_bench_command(commands: Any) -> None:
         help="random-weight model with real layer shapes",
     )
     bench.add_argument("--layers", type=int, default=2, help="decoder layers of the --shape model")
-    bench.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of the --shape model"
-    )
     bench.add_argument("--plan", default=None, help="plan JSON (default: k-reduction at --skip-ratio)")
     bench.add_argument("--skip-ratio", type=_target, default=0.88, help="k-reduction's ratio when no --plan")
     bench.add_argument("--batch", type=int, default=1, help="prompts per call")
@@ -688,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not _is_user_error(error):
             raise
         print(f"modes {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_STOPPED if type(error).__name__ == "SearchBudgetError" else EXIT_USER_ERROR
+        return EXIT_STOPPED if _is_budget_stop(error) else EXIT_USER_ERROR
     return 0
 
 
@@ -705,22 +749,17 @@ def _run_on_this_rank(args: argparse.Namespace) -> None:
         args.run(args)
 
 
-def _is_user_error(error: Exception) -> bool:
-    """Errors that name a user's mistake and its fix (bad files, options, unreachable targets)."""
-    from modes.adapters.registry import UnsupportedModelError
-    from modes.data.samples import DataFileError
-    from modes.errors import PlanError
-    from modes.thresholds.frontier import SearchBudgetError, TargetUnreachableError
+def _is_budget_stop(error: Exception) -> bool:
+    """A search that stopped at its evaluation budget (a rerun resumes): not a failure."""
+    from modes.thresholds.frontier import SearchBudgetError
 
-    known = (
-        UserError,
-        PlanError,
-        DataFileError,
-        TargetUnreachableError,
-        SearchBudgetError,
-        UnsupportedModelError,
-    )
-    return isinstance(error, (*known, FileNotFoundError, ValueError))
+    return isinstance(error, SearchBudgetError)
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors that name a user's mistake and its fix (`modes.errors.UserError`: bad files,
+    options, models, unreachable targets), and a file that is not there."""
+    return isinstance(error, (UserError, FileNotFoundError))
 
 
 if __name__ == "__main__":

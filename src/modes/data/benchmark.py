@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from modes.data.sample import Sample
+from modes.errors import UsageError
 
 __all__ = [
     "COLORS",
@@ -260,7 +261,7 @@ def make_sample(seed: int, skill: str | None = None) -> Sample:
 
 def generate_split(split: str, limit: int | None = None) -> list[Sample]:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     first, count = SPLITS[split]
     return [make_sample(first + i) for i in range(count if limit is None else min(limit, count))]
 

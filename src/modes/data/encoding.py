@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from modes.data.sample import Sample
+from modes.errors import UserError
 
 __all__ = ["EmptyAnswerError", "answer_logit_mask", "encode_prompts", "encode_teacher_forced", "prompt_text"]
 
 
-class EmptyAnswerError(ValueError):
+class EmptyAnswerError(UserError, ValueError):
     """A sample's answer produced no tokens, so it cannot be scored."""
 
 

@@ -19,11 +19,12 @@ from PIL import Image
 
 from modes.data.benchmark import generate_split
 from modes.data.sample import Sample
+from modes.errors import UserError
 
 __all__ = ["Columns", "DataFileError", "export_samples", "load_samples"]
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError, ValueError):
     """A data file or one of its rows cannot be turned into samples."""
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from modes.engine.execute import check_cpu_experts
 from modes.engine.kernels import KERNEL_DTYPES, KernelBuildError, KernelUnavailableError, load_kernel
+from modes.errors import UsageError
 
 __all__ = ["MAX_ROWS_PER_EXPERT", "CompiledExperts", "KernelBuildError", "compiled_unfit"]
 
@@ -34,7 +35,7 @@ class CompiledExperts:
         except KernelBuildError as error:
             unfit = str(error)
         if unfit is not None:
-            raise ValueError(f"execution='compiled' cannot run here: {unfit}; apply with execution='loop'")
+            raise UsageError(f"execution='compiled' cannot run here: {unfit}; apply with execution='loop'")
         self.kernel = load_kernel()
         self.dtype = next(experts.parameters()).dtype
         self.description = f"compiled ({self.kernel.isa.name})"

@@ -30,6 +30,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from modes.errors import UsageError
+
 __all__ = [
     "CpuChoice",
     "CpuPath",
@@ -89,13 +91,13 @@ def check_cpu_experts(experts: nn.Module, option: str) -> nn.Parameter:
     transformers' experts modules (`is_experts_module`) on CPU; else its first parameter."""
     fix = "apply with execution='loop'"
     if not is_experts_module(experts):
-        raise ValueError(
+        raise UsageError(
             f"{option} needs experts described by transformers' use_experts_implementation; "
             f"{type(experts).__name__} is not: {fix}"
         )
     parameter = next(experts.parameters())
     if parameter.device.type != "cpu":
-        raise ValueError(f"{option} is a CPU option and the experts are on {parameter.device}: {fix}")
+        raise UsageError(f"{option} is a CPU option and the experts are on {parameter.device}: {fix}")
     return parameter
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from modes.engine.compiled import CompiledExperts, KernelBuildError, compiled_unfit
 from modes.engine.execute import CpuChoice
 from modes.engine.packed import PackedExperts
+from modes.errors import UsageError
 
 __all__ = ["EXECUTIONS", "ApplyOptions", "CpuChoice", "Execution", "execution_of"]
 
@@ -40,7 +41,7 @@ class ApplyOptions:
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {list(EXECUTIONS)}, not {self.execution!r}")
+            raise UsageError(f"execution must be one of {list(EXECUTIONS)}, not {self.execution!r}")
         if self.special_token_ids is not None:
             object.__setattr__(self, "special_token_ids", tuple(int(i) for i in self.special_token_ids))
 
@@ -89,7 +90,7 @@ def execution_of(pack_weights: bool, cpu_kernel: bool | None) -> Execution:
     """The execution named by the CLI's and lmms-eval's CPU flags: ``cpu_kernel`` None (auto),
     True (insist on the compiled kernel) or False (the loop); ``pack_weights`` packed copies."""
     if pack_weights and cpu_kernel:
-        raise ValueError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
+        raise UsageError("pack_weights and cpu_kernel are two ways to run the same rows: choose one")
     if pack_weights:
         return "packed"
     return {None: "auto", True: "compiled", False: "loop"}[cpu_kernel]

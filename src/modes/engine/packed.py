@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modes.engine.execute import check_cpu_experts, project_each_expert
+from modes.errors import UsageError
 
 __all__ = ["PackedExperts", "pack_weight", "packed_linear", "packing_unsupported"]
 
@@ -104,4 +105,4 @@ def _check_packable(experts: nn.Module) -> None:
     reason = packing_unsupported(parameter.dtype)
     if reason:
         also = ", or use float32" if parameter.dtype == torch.bfloat16 else ""
-        raise ValueError(f"{reason}: apply with execution='loop'{also}")
+        raise UsageError(f"{reason}: apply with execution='loop'{also}")

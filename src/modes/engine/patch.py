@@ -25,6 +25,7 @@ from modes.engine.options import ApplyOptions
 from modes.engine.rules import SkipRule
 from modes.engine.tokens import STAT_NAMES, TokenContext
 from modes.engine.wrappers import SkippingDenseRouter, SkippingExperts, _Skipping
+from modes.errors import UsageError
 
 __all__ = [
     "Plan",
@@ -164,7 +165,7 @@ def apply(
     options = options or ApplyOptions()
     spec = spec_for(model.config.model_type)
     if options.execution in ("packed", "compiled") and spec.dense_router:
-        raise ValueError(
+        raise UsageError(
             f"execution={options.execution!r} does not apply to {model.config.model_type}: its experts "
             "compute every expert (skipping there saves no compute); apply with execution='auto'"
         )
@@ -259,7 +260,7 @@ def _context_hook(context: TokenContext) -> Callable:
         if input_ids is None:
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
-                raise ValueError("modes: the patched model was called without input_ids or inputs_embeds")
+                raise RuntimeError("modes: the patched model was called without input_ids or inputs_embeds")
             context.set_all_text(embeds.shape[0], embeds.shape[1], embeds.device)
             return
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renames it `cache`
@@ -277,7 +278,7 @@ def _context_hook(context: TokenContext) -> Callable:
 def _patch_of(model: nn.Module) -> _Patch:
     patch = getattr(model, _ATTR, None)
     if patch is None:
-        raise ValueError("this model is not patched by modes; call modes.apply(model, plan) first")
+        raise UsageError("this model is not patched by modes; call modes.apply(model, plan) first")
     return patch
 
 

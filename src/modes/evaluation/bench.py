@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from modes import engine
 from modes.engine import ApplyOptions
+from modes.errors import UsageError
 from modes.evaluation.allocator import minor_page_faults
 from modes.plan import SkipPlan
 
@@ -70,7 +71,7 @@ def shaped_model(shape: str, layers: int, dtype: torch.dtype = torch.float32) ->
     far fewer expert weights than on a trained, load-balanced model (126 and 118 at unit scale).
     """
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
+        raise UsageError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
     spec = SHAPES[shape]
     text = {**spec["text_config"], "num_hidden_layers": layers}
     config = AutoConfig.for_model(spec["model_type"], text_config=text, vision_config=spec["vision_config"])

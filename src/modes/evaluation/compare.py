@@ -37,6 +37,7 @@ from modes.calibration.importance import Importance, calibrate
 from modes.calibration.similarity import expert_similarity
 from modes.data.sample import Sample
 from modes.defaults import COMPARE_GRID_SIZE, DEFAULT_GAMMAS
+from modes.errors import UsageError
 from modes.evaluation.evaluate import evaluate
 from modes.evaluation.fidelity import fidelity
 from modes.plan import SkipPlan
@@ -176,7 +177,7 @@ CALIBRATORS: dict[str, Callable[[Setting, float], SkipPlan]] = {
 
 def calibrate_method(setting: Setting, method: str, target: float) -> SkipPlan:
     if method not in CALIBRATORS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(CALIBRATORS)}")
+        raise UsageError(f"unknown method {method!r}; choose from {list(CALIBRATORS)}")
     plan = CALIBRATORS[method](setting, target)
     plan.provenance["compare_method"] = method
     return plan
@@ -235,7 +236,7 @@ def compare(
     positions, when a release method is compared)."""
     unknown = sorted(set(methods) - set(CALIBRATORS))
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(CALIBRATORS)}")
+        raise UsageError(f"unknown methods {unknown}; choose from {list(CALIBRATORS)}")
     calibration_set = CalibrationSet.build(model, processor, calibration, batch_size)
     if importance is None:
         importance = calibrate(model, processor, calibration_set, mode=alpha_mode, progress=progress)

@@ -16,6 +16,7 @@ from modes.data.encoding import encode_prompts
 from modes.data.sample import Sample, batches_by_kind
 from modes.data.samples import load_samples
 from modes.engine import ApplyOptions, SlotCounts, add_counts, stats_from_counts
+from modes.errors import UsageError
 from modes.loading import input_device
 from modes.parallel import Ranks, ranks
 from modes.plan import SkipPlan
@@ -84,7 +85,7 @@ def evaluate(
     """
     samples = list(samples if samples is not None else load_samples(split="test"))[:limit]
     if not samples:
-        raise ValueError("no samples to evaluate")
+        raise UsageError("no samples to evaluate")
     patched = (
         engine.applied(model, plan, options, processor=processor)
         if plan is not None

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, TypeVar
 
 from modes.engine.info import ModelInfo
 from modes.engine.rules import SkipRule
-from modes.errors import PlanError
+from modes.errors import PlanError, UsageError
 
 __all__ = ["PolicyConfig", "check_number", "policy_from_json", "register_policy", "registered_policies"]
 
@@ -68,7 +68,7 @@ class PolicyConfig(ABC):
 def register_policy(cls: Config) -> Config:
     """Class decorator: make ``cls`` loadable from plan files under ``cls.name``."""
     if cls.name in _POLICIES and _POLICIES[cls.name] is not cls:
-        raise ValueError(f"a policy named {cls.name!r} is already registered ({_POLICIES[cls.name]})")
+        raise UsageError(f"a policy named {cls.name!r} is already registered ({_POLICIES[cls.name]})")
     _POLICIES[cls.name] = cls
     return cls
 

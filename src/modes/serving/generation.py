@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from modes.errors import UsageError
+
 __all__ = ["Answer", "BatchedGenerator", "SequentialGenerator", "SlotCounter"]
 
 SlotCounter = Callable[[], tuple[int, int]]  # (skipped, total) routed slots so far
@@ -121,7 +123,7 @@ class BatchedGenerator:
     ) -> Iterator[int]:
         """As `SequentialGenerator.generate`; the slots are those of every forward made meanwhile."""
         if sampling:
-            raise ValueError("continuous batching here answers greedily; leave temperature unset or 0")
+            raise UsageError("continuous batching here answers greedily; leave temperature unset or 0")
         with self.lock:
             request_id = f"modes-{self.count}"
             self.count += 1

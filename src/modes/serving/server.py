@@ -18,6 +18,7 @@ from typing import Any
 
 from modes import engine
 from modes.engine import ApplyOptions
+from modes.errors import UsageError
 from modes.loading import bundled_model_path, input_device, load_model
 from modes.plan import SkipPlan
 from modes.serving.chat import BadRequestError, ChatRequest
@@ -46,9 +47,16 @@ class ServedModel:
 
     @classmethod
     def load(
-        cls, path: str, plan: SkipPlan | None, options: ApplyOptions, continuous_batching: bool, name: str
+        cls,
+        path: str,
+        plan: SkipPlan | None,
+        options: ApplyOptions,
+        continuous_batching: bool,
+        name: str,
+        placement: dict[str, Any] | None = None,
     ) -> ServedModel:
-        model, processor = load_model(path)
+        """``placement``: `modes.load_model`'s dtype and accelerate options."""
+        model, processor = load_model(path, **(placement or {}))
         if plan is not None:
             engine.apply(model, plan, options=options, processor=processor)
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -56,7 +64,7 @@ class ServedModel:
         if not continuous_batching:
             return cls(name, model, processor, SequentialGenerator(model, tokenizer.pad_token_id, counter))
         if processor is not tokenizer:
-            raise ValueError(
+            raise UsageError(
                 "continuous batching serves text-only models (transformers batches no image inputs); "
                 "serve this vision-language model without --continuous-batching"
             )
@@ -104,13 +112,14 @@ def build_app(
     execution: str = "auto",
     continuous_batching: bool = False,
     name: str = "modes",
+    placement: dict[str, Any] | None = None,
 ) -> tuple[Any, ServedModel]:
     """(FastAPI app, served model) serving ``model`` (default: the bundled model) as ``name``
-    with ``plan`` applied."""
+    with ``plan`` applied; ``placement``: `modes.load_model`'s dtype and accelerate options."""
     _require_serving()
     skip_plan = SkipPlan.load(plan) if plan else None
     path = str(model or bundled_model_path())
-    served = ServedModel.load(path, skip_plan, ApplyOptions(execution), continuous_batching, name)
+    served = ServedModel.load(path, skip_plan, ApplyOptions(execution), continuous_batching, name, placement)
     from modes.serving.app import chat_app
 
     return chat_app(served), served

@@ -25,6 +25,7 @@ from modes.calibration.calibration_set import CalibrationSet, measure
 from modes.calibration.importance import Importance
 from modes.data.sample import Sample
 from modes.defaults import DEFAULT_GAMMAS, SEARCH_GRID_SIZE
+from modes.errors import UsageError, UserError
 from modes.parallel import Ranks
 from modes.plan import SkipPlan
 from modes.ratios import SkipRatios, TargetOf
@@ -45,11 +46,11 @@ __all__ = [
 Index = tuple[int, ...]  # 0-based grid position per searched modality
 
 
-class TargetUnreachableError(ValueError):
+class TargetUnreachableError(UserError, ValueError):
     """Even the largest thresholds of the grid skip less than the target ratio."""
 
 
-class SearchBudgetError(RuntimeError):
+class SearchBudgetError(UserError, RuntimeError):
     """The evaluation budget ran out; rerun with the same cache to resume."""
 
 
@@ -82,11 +83,11 @@ class SearchConfig:
         if self.modalities is not None:
             object.__setattr__(self, "modalities", tuple(self.modalities))
         if not self.gammas:
-            raise ValueError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
+            raise UsageError("gammas must name at least one exponent (1.0: MoDES's own alphas)")
         if not all(math.isfinite(g) and g >= 0 for g in self.gammas):
-            raise ValueError(f"gammas must be finite and >= 0, got {self.gammas}")
+            raise UsageError(f"gammas must be finite and >= 0, got {self.gammas}")
         if self.method not in ("frontier", "exhaustive"):
-            raise ValueError(f"method must be 'frontier' or 'exhaustive', not {self.method!r}")
+            raise UsageError(f"method must be 'frontier' or 'exhaustive', not {self.method!r}")
 
     def with_options(self, **options: Any) -> SearchConfig:
         """A copy with ``options`` (field names) changed; an unknown name is refused by name."""
@@ -345,7 +346,7 @@ def search(
     """
     config = (config or SearchConfig()).with_options(**options)
     if not 0.0 < target < 1.0:
-        raise ValueError(f"target skip ratio must be in (0, 1), got {target}")
+        raise UsageError(f"target skip ratio must be in (0, 1), got {target}")
     tokenizer = getattr(processor, "tokenizer", processor)
     special_ids = list(special_token_ids or tokenizer.all_special_ids)
     calibration = CalibrationSet.of(model, processor, samples, config.batch_size, importance.semantics)
@@ -391,7 +392,7 @@ def _search_alphas(
     """The frontier search of `search` for one set of alphas."""
     searched = ["text"] if config.tied else list(config.modalities or importance.modalities[:2])
     if not 1 <= len(searched) <= 2:
-        raise ValueError(f"search one or two modalities, not {searched}")
+        raise UsageError(f"search one or two modalities, not {searched}")
     grid = _grid_for(config.grid, importance, config.tied)
     fingerprint = {**_fingerprint(importance, calibration, grid, searched, special_ids), "tied": config.tied}
     group = calibration.group

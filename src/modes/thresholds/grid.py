@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from modes.errors import UsageError
+
 __all__ = ["DEFAULT_X_MAX", "GridSpec"]
 
 DEFAULT_X_MAX = {"text": 0.71, "visual": 0.6, "audio": 0.6}  # released code's defaults
@@ -27,9 +29,9 @@ class GridSpec:
 
     def __post_init__(self) -> None:
         if self.size < 2:
-            raise ValueError(f"grid size must be at least 2, got {self.size}")
+            raise UsageError(f"grid size must be at least 2, got {self.size}")
         if self.mapping not in ("sigmoid", "linear"):
-            raise ValueError(f"grid mapping must be 'sigmoid' or 'linear', not {self.mapping!r}")
+            raise UsageError(f"grid mapping must be 'sigmoid' or 'linear', not {self.mapping!r}")
 
     @classmethod
     def covering(

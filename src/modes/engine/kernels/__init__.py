@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from modes.errors import UserError
+
 __all__ = [
     "ISAS",
     "KERNEL_DTYPES",
@@ -104,7 +106,7 @@ _FOLLOWS = {
 """ATEN_CPU_CAPABILITY -> the builds it allows (on x86 ``default`` allows none)."""
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(UserError, RuntimeError):
     """modes' CPU kernel could not be built or does not run on this CPU."""
 
 

@@ -6,7 +6,7 @@
   demo       calibrate, search, evaluate: the whole pipeline on one model
   compare    MoDES, its ablations and baselines at matched skip ratios
   bench      prefill latency and decode tokens/s with and without a plan
-  serve      an OpenAI-compatible server (transformers serve) with a plan applied
+  serve      an OpenAI-compatible chat server with a plan applied
 
 Every command runs on the bundled model by default (--model: any local or hub checkpoint).
 Targets are shares of the skippable slots (text and media tokens; special tokens are never

@@ -11,7 +11,8 @@ import modes
 
 PACKAGE = Path(modes.__file__).parent
 LAYERS = [  # each may import only from the layers before it
-    {"errors", "io", "defaults", "ratios", "adapters", "parallel", "routing"},
+    {"errors"},
+    {"io", "defaults", "ratios", "adapters", "parallel", "routing"},
     {"data", "loading"},
     {"engine"},
     {"policies"},

@@ -134,3 +134,21 @@ def test_format_1_files_still_load():
     modes.apply(model, naee)
     assert modes.engine.is_patched(model)
     assert SkipPlan.from_json(naee.to_json()) == naee  # and written back as format 2
+
+
+def test_target_of_speaks_one_vocabulary(tmp_path):
+    """A plan's target is of the skippable slots unless it says otherwise, as a search's is;
+    files written before the key existed meant all slots; a wrong word is refused on load."""
+    plan = modes.SkipPlan({0: {"text": 1.0}}, {"text": 0.1}, target_ratio=0.5)
+    assert plan.target_of is modes.TargetOf.SKIPPABLE and plan.target_of == "skippable"
+    data = json.loads(plan.save(tmp_path / "plan.json").read_text())
+    assert data["target_of"] == "skippable"
+    del data["target_of"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert modes.SkipPlan.load(tmp_path / "old.json").target_of is modes.TargetOf.ALL
+    data["target_of"] = "most"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(modes.PlanError, match="target_of must be one of"):
+        modes.SkipPlan.load(tmp_path / "bad.json")
+    ratios = modes.SkipRatios(skippable=0.8, all=0.7)
+    assert (ratios.of("skippable"), ratios.of(modes.TargetOf.ALL)) == (0.8, 0.7)

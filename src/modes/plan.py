@@ -10,9 +10,10 @@ from typing import Any
 from modes.adapters.registry import MODALITIES
 from modes.engine.info import ModelInfo
 from modes.engine.rules import SkipRule
-from modes.errors import PlanError
+from modes.errors import PlanError, UsageError
 from modes.io import write_json_atomic
 from modes.policies import ModesConfig, PolicyConfig, policy_from_json
+from modes.ratios import TargetOf
 
 __all__ = ["FORMAT_VERSION", "ModelInfo", "PlanError", "SkipPlan"]
 
@@ -37,7 +38,7 @@ class SkipPlan:
         policy: PolicyConfig | None = None,
         model: ModelInfo | None = None,
         target_ratio: float | None = None,
-        target_of: str = "all",
+        target_of: TargetOf | str = TargetOf.SKIPPABLE,
         achieved_ratio: float | None = None,
         special_token_ids: Iterable[int] | None = None,
         provenance: dict[str, Any] | None = None,
@@ -49,7 +50,7 @@ class SkipPlan:
         self.policy = policy
         self.model = model
         self.target_ratio = target_ratio
-        self.target_of = target_of  # "skippable" or "all": what target and achieved ratio are shares of
+        self.target_of = TargetOf.parse(target_of)  # what target and achieved ratio are shares of
         self.achieved_ratio = achieved_ratio
         self.special_token_ids = None if special_token_ids is None else tuple(sorted(set(special_token_ids)))
         self.provenance = dict(provenance or {})
@@ -107,7 +108,7 @@ class SkipPlan:
             "policy": self.policy.to_json(),
             "special_token_ids": None if self.special_token_ids is None else list(self.special_token_ids),
             "target_ratio": self.target_ratio,
-            "target_of": self.target_of,
+            "target_of": self.target_of.value,
             "achieved_ratio": self.achieved_ratio,
             "provenance": self.provenance,
         }
@@ -126,12 +127,12 @@ class SkipPlan:
                 policy=_POLICY_READERS[version](data),
                 model=ModelInfo.from_json(data["model"]) if data.get("model") else None,
                 target_ratio=data.get("target_ratio"),
-                target_of=data.get("target_of", "all"),
+                target_of=data.get("target_of", TargetOf.ALL),  # files from before the key: all slots
                 achieved_ratio=data.get("achieved_ratio"),
                 special_token_ids=data.get("special_token_ids"),
                 provenance=data.get("provenance") or {},
             )
-        except PlanError as error:
+        except (PlanError, UsageError) as error:
             raise PlanError(f"{source}: {error}") from error
         except (KeyError, AttributeError, TypeError, ValueError) as error:
             raise PlanError(f"{source} is malformed ({error!r})") from error

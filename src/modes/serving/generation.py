@@ -58,7 +58,7 @@ class SequentialGenerator:
                     produced.put(token)
 
             def end(self) -> None:
-                produced.put(None)
+                """The end is signalled once the slot counts are read (in ``run``)."""
 
         failure: list[BaseException] = []
 
@@ -76,7 +76,8 @@ class SequentialGenerator:
                     answer.record(before, self.counter())
             except BaseException as error:  # handed to the request's thread, which raises it
                 failure.append(error)
-                produced.put(None)
+            finally:
+                produced.put(None)  # after the counts: the request reads them next
 
         threading.Thread(target=run, daemon=True).start()
         while (token := produced.get()) is not None:

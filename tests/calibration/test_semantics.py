@@ -134,9 +134,9 @@ def test_calibration_matches_the_independent_reading(bundled, semantics):
     assert got.semantics == semantics
     for layer, by_modality in expected.items():
         for modality, alpha in by_modality.items():
-            # alphas are shares of 1: a layer whose knock-out barely matters (alpha ~ 0.002 on
-            # the 12-layer model) carries float noise of the knocked forwards of ~5e-6 of the total
-            assert got.alphas[layer][modality] == pytest.approx(alpha, rel=2e-3, abs=2e-5), (layer, modality)
+            # alphas are shares of 1; the knocked forwards carry float noise of ~5e-6 of the total
+            # on layers that barely matter (1.6e-7 measured on the bundled model): 1e-4 absolute
+            assert abs(got.alphas[layer][modality] - alpha) <= 1e-4, (layer, modality)
 
 
 def test_the_two_readings_differ_and_the_search_uses_the_calibrated_one(bundled, tmp_path):

@@ -51,3 +51,7 @@ class SkipRatios:
 
     def to_json(self) -> dict[str, float]:
         return {"ratio_of_skippable_slots": self.skippable, "ratio_of_all_slots": self.all}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SkipRatios:
+        return cls(skippable=data["ratio_of_skippable_slots"], all=data["ratio_of_all_slots"])

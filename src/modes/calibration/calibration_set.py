@@ -38,7 +38,7 @@ class CalibrationSet:
 
     batches: list[CalibrationBatch]  # every rank's, in global order
     semantics: Semantics
-    samples: int
+    samples: Sequence[Sample]  # what the batches encode
     batch_size: int
     fingerprint: str  # sha256 of the samples, semantics and batching
     group: Ranks = field(default_factory=ranks)
@@ -60,7 +60,7 @@ class CalibrationSet:
         digest = hashlib.sha256(f"{semantics}\x00{batch_size}\x00".encode())
         for sample in samples:
             digest.update(f"{sample.id}\x00{sample.question}\x00{sample.answer}\x00".encode())
-        return cls(batches, semantics, len(samples), batch_size, digest.hexdigest())
+        return cls(batches, semantics, list(samples), batch_size, digest.hexdigest())
 
     @classmethod
     def of(
@@ -80,6 +80,12 @@ class CalibrationSet:
                 f"build one with CalibrationSet.build(..., semantics={semantics!r})"
             )
         return samples
+
+    def with_semantics(self, model: Any, processor: Any, semantics: Semantics) -> CalibrationSet:
+        """The same samples and batching scored at the positions of ``semantics``."""
+        if semantics == self.semantics:
+            return self
+        return CalibrationSet.build(model, processor, self.samples, self.batch_size, semantics)
 
     @property
     def mine(self) -> list[tuple[int, CalibrationBatch]]:

@@ -218,7 +218,7 @@ def calibrate(
         model=info,
         answer_tokens=answer_tokens,
         provenance={
-            "samples": calibration.samples,
+            "samples": len(calibration.samples),
             "batch_size": calibration.batch_size,
             "reuse_prefix": reuse_prefix,
             "special_token_ids": list(plan.special_token_ids),

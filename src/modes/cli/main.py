@@ -58,9 +58,7 @@ def _output_file(example: str) -> Callable[[str], str]:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from modes.loading import load_model
 
-    name = args.model
-    if name is not None and _looks_local(name) and not Path(name).exists():
-        raise UserError(f"--model {name} does not exist (give a checkpoint directory or a hub id org/name)")
+    name = _checked_model(args.model)
     try:
         return load_model(name, **_placement(args))
     except OSError as error:
@@ -93,6 +91,13 @@ def _max_memory(text: str) -> dict[int | str, str]:
             )
         memory[int(device) if device.isdigit() else device] = amount
     return memory
+
+
+def _checked_model(name: str | None) -> str | None:
+    """``--model`` as given, refused at once when it names a local path that is not there."""
+    if name is not None and _looks_local(name) and not Path(name).exists():
+        raise UserError(f"--model {name} does not exist (give a checkpoint directory or a hub id org/name)")
+    return name
 
 
 def _looks_local(name: str) -> bool:
@@ -345,8 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from modes.serving import serve
 
     _plan(args.plan)  # checked before the model loads
-    if args.model is not None and _looks_local(args.model) and not Path(args.model).exists():
-        raise UserError(f"--model {args.model} does not exist")
+    _checked_model(args.model)
     print(f"serving {args.name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     serve(
         host=args.host,

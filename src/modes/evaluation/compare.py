@@ -75,14 +75,11 @@ class Setting:
     importance: Importance
     config: SearchConfig  # grid size and target_of; each method sets gammas and tied
     cache: Path | None = None  # one file for every search of the comparison (keyed lines)
-    samples: Sequence[Sample] = ()  # the calibration samples (the release's set encodes them again)
 
     @cached_property
     def release_calibration(self) -> CalibrationSet:
         """The same samples at the release's KL positions."""
-        return CalibrationSet.build(
-            self.model, self.processor, self.samples, self.calibration.batch_size, semantics="release"
-        )
+        return self.calibration.with_semantics(self.model, self.processor, "release")
 
     @cached_property
     def median_top2_ratio(self) -> dict[int, float]:
@@ -242,7 +239,7 @@ def compare(
         importance = calibrate(model, processor, calibration_set, mode=alpha_mode, progress=progress)
     config = SearchConfig(grid=grid_size, target_of=target_of, batch_size=batch_size)
     cache = Path(cache) if cache else None
-    setting = Setting(model, processor, calibration_set, importance, config, cache, samples=calibration)
+    setting = Setting(model, processor, calibration_set, importance, config, cache)
     baseline = evaluate(model, processor, test, batch_size=batch_size, progress=False)
     rows = []
     bar = tqdm(total=len(targets) * len(methods), desc="compare", unit="method", disable=not progress)

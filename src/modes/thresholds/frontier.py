@@ -118,8 +118,7 @@ class SearchPoint:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SearchPoint:
-        ratios = SkipRatios(data["ratio_of_skippable_slots"], data["ratio_of_all_slots"])
-        return cls(tuple(data["index"]), data["thresholds"], data["f"], ratios)
+        return cls(tuple(data["index"]), data["thresholds"], data["f"], SkipRatios.from_json(data))
 
 
 @dataclass
@@ -417,7 +416,7 @@ def _search_alphas(
     provenance = {
         "method": config.method,
         "grid": grid.to_json(),
-        "samples": calibration.samples,
+        "samples": len(calibration.samples),
         "calibration_kl": best.f,
         **best.ratios.to_json(),
         "alpha_mode": importance.mode,

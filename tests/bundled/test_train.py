@@ -1,4 +1,4 @@
-"""The training script runs end to end on a tiny config and writes a loadable checkpoint."""
+"""The training script runs end to end on a tiny config and writes a checkpoint in Hub layout."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 import modes
+from modes.checkpoints import stores_hub_layout
 from modes.bundled.train import _training_batch, parse_skill_weights, train
 from modes.data.benchmark import SKILLS
 
 
-def test_a_few_training_steps_write_a_checkpoint_the_auto_classes_load(tmp_path):
+def test_a_few_training_steps_write_a_hub_layout_checkpoint_modes_loads(tmp_path):
     summary = train(
         tmp_path,
         steps=3,
@@ -26,14 +26,14 @@ def test_a_few_training_steps_write_a_checkpoint_the_auto_classes_load(tmp_path)
     assert summary["steps"] == 3
     log = json.loads((tmp_path / "training_log.json").read_text())["log"]
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32)
-    processor = modes.load_processor(tmp_path)
+    assert stores_hub_layout(tmp_path)
+    model, processor = modes.load_model(tmp_path)
     report = modes.evaluate(model, processor, modes.load_samples(split="test", limit=8), progress=False)
     assert 0.0 <= report["accuracy"] <= 1.0
     vision = model.model.visual.state_dict()
     second = train(tmp_path / "phase2", steps=2, batch_size=4, init=tmp_path)
     assert second["previous"]["steps"] == 3 and second["vision_steps"] == 0
-    continued = AutoModelForImageTextToText.from_pretrained(tmp_path / "phase2", dtype=torch.float32)
+    continued, _ = modes.load_model(tmp_path / "phase2")
     for name, tensor in continued.model.visual.state_dict().items():  # frozen in the second phase
         assert torch.equal(tensor, vision[name])
 

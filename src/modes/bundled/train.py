@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 from modes.bundled.build import build_tokenizer, model_config, save_processor
+from modes.checkpoints import hub_layout_loading, write_hub_layout
 from modes.data.benchmark import COLORS, SHAPES, SKILLS, SPLITS, make_sample, token_labels
 from modes.data.encoding import encode_teacher_forced
 from modes.data.sample import Sample
@@ -225,7 +226,8 @@ def _initial_model(
     """A fresh model, or the ``init`` checkpoint (and its summary)."""
     if init is None:
         return Qwen3VLMoeForConditionalGeneration(model_config(tokenizer, **text_overrides)).train(), None
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
+    with hub_layout_loading(init):
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
     return model, training_summary(Path(init))
 
 
@@ -366,11 +368,13 @@ def training_summary(checkpoint: Path) -> dict | None:
 
 
 def _save(model: Qwen3VLMoeForConditionalGeneration, directory: Path) -> None:
-    """bf16 weights (half the size; loaded back as float32 by `load_bundled`)."""
+    """bf16 weights (half the size; loaded back as float32 by `modes.load_model`), in the layout
+    of Hub checkpoints so that vLLM loads the same files (`modes.checkpoints`)."""
     state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in model.state_dict().items()}
     model.config.text_config.output_router_logits = False
     model.save_pretrained(directory, state_dict=state)
     model.config.text_config.output_router_logits = True
+    write_hub_layout(directory)
 
 
 def main(argv: list[str] | None = None) -> None:

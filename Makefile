@@ -1,5 +1,5 @@
 # Convenience targets; the README's commands are the reference.
-.PHONY: test test-slow lint demo
+.PHONY: test test-slow test-vllm vendor-routing lint demo
 test:
 	python -m pytest -q
 test-slow:
@@ -8,3 +8,7 @@ lint:
 	ruff check . && ruff format --check .
 demo:
 	modes demo
+test-vllm:
+	integrations/vllm/run-tests
+vendor-routing:
+	cp src/modes/routing.py integrations/vllm/src/modes_vllm/routing.py

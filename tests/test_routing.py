@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,11 @@ def test_route_from_router_logits_matches_the_model_routers_top_k():
     assert torch.equal(ids == -1, skip) and torch.allclose(weights, expected.masked_fill(skip, 0))
     with pytest.raises(ValueError, match="MoDES plans"):
         RoutingTables.from_plan({"policy": {"name": "naee"}}, {})
+
+
+def test_the_vllm_plugin_vendors_this_routing_core_unchanged():
+    """One source of truth: integrations/vllm ships src/modes/routing.py byte for byte
+    (refresh with `make vendor-routing`)."""
+    root = Path(__file__).resolve().parents[1]
+    vendored = root / "integrations/vllm/src/modes_vllm/routing.py"
+    assert vendored.read_bytes() == (root / "src/modes/routing.py").read_bytes()

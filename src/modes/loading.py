@@ -102,10 +102,10 @@ def load_model(
     name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, **placement: Any
 ) -> tuple[Any, Any]:
     """(model, processor) in eval mode: the bundled model by default, else any local or hub
-    checkpoint (fused experts in Hub or transformers layout, square ones too: `modes.checkpoints`). ``placement`` goes to ``from_pretrained`` (``device_map``, ``max_memory``,
-    ``offload_folder``: accelerate dispatches models larger than one device). Under torchrun
-    with ``device_map`` and no ``max_memory``, each rank takes its own block of the node's GPUs
-    (`modes.parallel.gpus_of_rank`)."""
+    checkpoint (fused experts in Hub or transformers layout, square ones too: `modes.checkpoints`).
+    ``placement`` goes to ``from_pretrained`` (``device_map``, ``max_memory``, ``offload_folder``:
+    accelerate dispatches models larger than one device). Under torchrun with ``device_map`` and no
+    ``max_memory``, each rank takes its own block of the node's GPUs (`modes.parallel.gpus_of_rank`)."""
     if placement.get("device_map") is not None and "max_memory" not in placement:
         placement["max_memory"] = _rank_max_memory()
     path = bundled_model_path() if name_or_path is None else name_or_path

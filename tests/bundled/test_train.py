@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import modes
-from modes.checkpoints import stores_hub_layout
 from modes.bundled.train import _training_batch, parse_skill_weights, train
+from modes.checkpoints import stores_hub_layout
 from modes.data.benchmark import SKILLS
 
 

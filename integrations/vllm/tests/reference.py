@@ -33,13 +33,17 @@ def random_plan(model: Any, processor: Any, seed: int) -> modes.SkipPlan:
     info = modes.model_info(model)
     importance = {layer: {m: rng.uniform(0.02, 0.4) for m in ("text", "visual")} for layer in info.moe_layers}
     thresholds = {m: rng.uniform(0.005, 0.03) for m in ("text", "visual")}
-    return modes.SkipPlan(importance, thresholds, model=info, special_token_ids=processor.tokenizer.all_special_ids)
+    return modes.SkipPlan(
+        importance, thresholds, model=info, special_token_ids=processor.tokenizer.all_special_ids
+    )
 
 
 def kept_sets(index: torch.Tensor, skip: torch.Tensor) -> list[list[int]]:
     """Per token, the sorted expert ids it keeps (index [T, k], skip [T, k])."""
-    return [sorted(i for i, s in zip(row, gone, strict=True) if not s) for row, gone in
-            zip(index.tolist(), skip.tolist(), strict=True)]
+    return [
+        sorted(i for i, s in zip(row, gone, strict=True) if not s)
+        for row, gone in zip(index.tolist(), skip.tolist(), strict=True)
+    ]
 
 
 def answer(model: Any, processor: Any, sample: Any, record: bool) -> dict[str, Any]:
@@ -57,18 +61,21 @@ def answer(model: Any, processor: Any, sample: Any, record: bool) -> dict[str, A
 
     if record:
         for wrapper, decide in zip(wrappers, originals, strict=True):
-            wrapper.decide = lambda h, i, w, decide=decide, layer=wrapper.layer: recording(h, i, w, decide, layer)
+            wrapper.decide = lambda h, i, w, decide=decide, layer=wrapper.layer: recording(
+                h, i, w, decide, layer
+            )
     try:
         inputs = encode_prompts(processor, [sample])
         tokenizer = processor.tokenizer
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
     finally:
         for wrapper, decide in zip(wrappers, originals, strict=True):
             wrapper.decide = decide
     prompt_ids = inputs["input_ids"][0].tolist()
-    generated = output[0, len(prompt_ids):].tolist()
+    generated = output[0, len(prompt_ids) :].tolist()
     return {"prompt_token_ids": prompt_ids, "token_ids": generated, "forwards": forwards if record else None}
 
 
@@ -101,17 +108,25 @@ def main() -> None:
     for position, sample in enumerate(samples):
         record = plan is not None and position < args.decisions
         result = answer(model, processor, sample, record)
-        records.append({
-            "id": sample.id,
-            "prompt": prompt_text(processor, sample),
-            "image_png": png(sample.image) if sample.image is not None else None,
-            **result,
-        })
-    counts = {} if plan is None else {
-        layer: {"skipped": skipped.tolist(), "routed": total.tolist()}
-        for layer, (skipped, total) in modes.engine.patch.slot_counts(model).items()
-    }
-    Path(args.out).write_text(json.dumps({"max_new_tokens": MAX_NEW_TOKENS, "samples": records, "slot_counts": counts}))
+        records.append(
+            {
+                "id": sample.id,
+                "prompt": prompt_text(processor, sample),
+                "image_png": png(sample.image) if sample.image is not None else None,
+                **result,
+            }
+        )
+    counts = (
+        {}
+        if plan is None
+        else {
+            layer: {"skipped": skipped.tolist(), "routed": total.tolist()}
+            for layer, (skipped, total) in modes.engine.patch.slot_counts(model).items()
+        }
+    )
+    Path(args.out).write_text(
+        json.dumps({"max_new_tokens": MAX_NEW_TOKENS, "samples": records, "slot_counts": counts})
+    )
 
 
 if __name__ == "__main__":

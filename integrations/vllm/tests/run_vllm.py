@@ -43,8 +43,10 @@ def forwards_of(record: list, layers: int) -> list[dict[int, list[list[int]]]]:
     for position, (layer, _, kept, expert_ids) in enumerate(record):
         if position % layers == 0:
             forwards.append({})
-        forwards[-1][layer] = [sorted(i for i, k in zip(row, keep) if k)
-                               for row, keep in zip(expert_ids.tolist(), kept.tolist())]
+        forwards[-1][layer] = [
+            sorted(i for i, k in zip(row, keep, strict=True) if k)
+            for row, keep in zip(expert_ids.tolist(), kept.tolist(), strict=True)
+        ]
     return forwards
 
 
@@ -56,35 +58,49 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=8)
     parser.add_argument("--model", default=None, help="checkpoint (default: modes' bundled one)")
     args = parser.parse_args()
-    from vllm import LLM, SamplingParams
-
     import modes_vllm.skipping as skipping
+    from vllm import LLM, SamplingParams
 
     reference = json.loads(Path(args.reference).read_text())
     model = args.model or str(Path(__file__).resolve().parents[3] / "src/modes/bundled/checkpoint")
-    llm = LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=args.mode == "eager",
-              enable_prefix_caching=False, limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=args.mode == "eager",
+        enable_prefix_caching=False,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        seed=0,
+    )
     params = SamplingParams(temperature=0, max_tokens=reference["max_new_tokens"], logprobs=0)
     inputs = prompts(reference)
     state = skipping.active_state()
     result: dict = {"samples": [], "forwards": [], "slot_counts": None}
-    if state is not None:
-        for item in inputs[: args.decisions]:
+    for item in inputs[: args.decisions]:  # with or without a plan: both engines run the same steps
+        if state is not None:
             state.record = []
-            llm.generate([item], params, use_tqdm=False)
-            layers = len(state.tables.layers)
-            result["forwards"].append(forwards_of(state.record, layers))
+        llm.generate([item], params, use_tqdm=False)
+        if state is not None:
+            result["forwards"].append(forwards_of(state.record, len(state.tables.layers)))
+    if state is not None:
         state.record = None
         state.routed.zero_()
         state.skipped.zero_()
     outputs = llm.generate(inputs, params, use_tqdm=False)
     for output in outputs:
         completion = output.outputs[0]
-        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
-        result["samples"].append({"prompt_token_ids": list(output.prompt_token_ids),
-                                  "token_ids": list(completion.token_ids), "logprobs": logprobs})
+        steps = zip(completion.logprobs, completion.token_ids, strict=True)
+        logprobs = [step[token].logprob for step, token in steps]
+        result["samples"].append(
+            {
+                "prompt_token_ids": list(output.prompt_token_ids),
+                "token_ids": list(completion.token_ids),
+                "logprobs": logprobs,
+            }
+        )
     if state is not None:
         result["slot_counts"] = state.stats()
+    result["additional_config"] = dict(llm.llm_engine.vllm_config.additional_config)
     Path(args.out).write_text(json.dumps(result))
 
 

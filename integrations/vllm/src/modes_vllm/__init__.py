@@ -4,8 +4,9 @@ A `vllm.general_plugins` entry point: vLLM calls `register` in each of its proce
 ``MODES_PLAN`` set it checks the plan file (a bad one stops vLLM at start-up with the reason)
 and registers vLLM's Qwen3-MoE and Qwen3-VL-MoE under their own architecture names with each
 MoE layer's routing passed through the MoDES rule (`modes_vllm.models`). Without it, vLLM runs
-unchanged. The rule is `modes.routing`, vendored unchanged as `modes_vllm.routing`; this package
-imports neither modes nor transformers' MoE code.
+unchanged. ``VLLM_PLUGINS=modes`` also enables the `modes_vllm.serving` endpoints
+(``/v1/modes/stats``, ``x-modes-skip-ratio``). The rule is `modes.routing`, vendored unchanged
+as `modes_vllm.routing`; this package imports neither modes nor transformers' MoE code.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def register() -> None:
         return
     load_plan(path)  # raises PlanFileError with the reason, before vLLM loads anything
     from vllm import ModelRegistry
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from modes_vllm.serving import worker_skip_stats
 
     for architecture, model_class in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, model_class)
+    WorkerBase.modes_skip_stats = worker_skip_stats  # reached by collective_rpc (modes_vllm.serving)

@@ -8,6 +8,8 @@ tokens into `SkipState`'s buffers, then calls the compiled decoder stack.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, ClassVar
 
@@ -21,7 +23,14 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 
 from modes_vllm.routing import RoutingTables
-from modes_vllm.skipping import MEDIA_TOKEN_FIELDS, SkipState, activate, check_plan_fits, load_plan, skip_slots
+from modes_vllm.skipping import (
+    MEDIA_TOKEN_FIELDS,
+    SkipState,
+    activate,
+    check_plan_fits,
+    load_plan,
+    skip_slots,
+)
 
 __all__ = ["ModesQwen3MoeForCausalLM", "ModesQwen3VLMoeForConditionalGeneration", "SkippingRouter"]
 
@@ -87,6 +96,16 @@ def _decode_mask(count: int, device: torch.device) -> tuple[torch.Tensor, int | 
     return lengths[request] == 1, num_valid
 
 
+def _key_compile_cache(vllm_config: VllmConfig, plan: dict[str, Any]) -> None:
+    """Make the plan part of vLLM's compile-cache key: the graphs traced with and without MoDES
+    share every other factor (the MoE source files included), so without this a run could load
+    the other's compiled model from the cache: with the plan silently not applied."""
+    if not isinstance(vllm_config.additional_config, dict):
+        raise RuntimeError("modes-vllm needs vLLM's additional_config to be a dict (its default)")
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    vllm_config.additional_config["modes_plan_sha256"] = digest
+
+
 class ModesMixin:
     """Installs MoDES on the model's MoE layers when ``MODES_PLAN`` names a plan file."""
 
@@ -103,6 +122,7 @@ class ModesMixin:
     def _install(self, path: str, vllm_config: VllmConfig) -> SkipState:
         model_config = vllm_config.model_config
         plan = load_plan(path)
+        _key_compile_cache(vllm_config, plan)
         check_plan_fits(plan, model_config.hf_text_config, model_config.hf_config.model_type, path)
         runners = _moe_runners(self)
         device = next(self.parameters()).device  # type: ignore[attr-defined]
@@ -114,7 +134,9 @@ class ModesMixin:
         num_layers = model_config.hf_text_config.num_hidden_layers
         return SkipState.allocate(tables, max_tokens, keep_ids=_keeps_ids(runners), num_layers=num_layers)
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         if self.modes_state is not None and input_ids is not None:
             decode, num_valid = _decode_mask(input_ids.shape[0], input_ids.device)
             self.modes_state.begin_forward(input_ids, decode, num_valid)

@@ -54,8 +54,11 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 def check_plan_fits(plan: dict[str, Any], text_config: Any, model_type: str, path: str) -> None:
     """Raise `PlanFileError` if the plan was made for another model than vLLM's."""
     made_for = plan.get("model") or {}
-    model = {"model_type": model_type, "num_experts": _num_experts(text_config),
-             "top_k": text_config.num_experts_per_tok}
+    model = {
+        "model_type": model_type,
+        "num_experts": _num_experts(text_config),
+        "top_k": text_config.num_experts_per_tok,
+    }
     for name, value in model.items():
         if name in made_for and made_for[name] != value:
             raise PlanFileError(
@@ -113,14 +116,18 @@ class SkipState:
         """Write this forward's tokens into the buffers (in place: their addresses stay fixed)."""
         count = token_ids.shape[0]
         if count > self.token_ids.shape[0]:
-            raise RuntimeError(f"{count} tokens in one forward exceed the {self.token_ids.shape[0]} allocated")
+            raise RuntimeError(
+                f"{count} tokens in one forward exceed the {self.token_ids.shape[0]} allocated"
+            )
         self.token_ids[:count].copy_(token_ids)
         self.decode[:count].copy_(decode)
         self.valid[:count] = True
         if num_valid is not None:
             self.valid[num_valid:count] = False
 
-    def skip(self, layer: int, weights: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def skip(
+        self, layer: int, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept weights and expert ids [T, k] of one MoE layer's routing, counting the slots."""
         count = weights.shape[0]
         token_ids, decode = self.token_ids[:count], self.decode[:count]
@@ -182,7 +189,9 @@ def skip_stats() -> dict[str, Any] | None:
 
 
 @torch.library.custom_op("modes_vllm::skip_slots", mutates_args=())
-def skip_slots(weights: torch.Tensor, expert_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def skip_slots(
+    weights: torch.Tensor, expert_ids: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MoDES on one MoE layer's top-k routing [T, k], for the tokens of the current forward."""
     if _ACTIVE is None:
         return weights.clone(), expert_ids.clone()

@@ -14,7 +14,7 @@ import argparse
 import base64
 import io
 import json
-import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,10 @@ import modes
 from modes.data.encoding import encode_prompts, prompt_text
 from modes.engine.patch import _patch_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # modes' test helpers
+from plans import random_plan
+
 MAX_NEW_TOKENS = 8
-
-
-def random_plan(model: Any, processor: Any, seed: int) -> modes.SkipPlan:
-    """Alphas and thresholds drawn at random (a skip ratio far from the searched plans')."""
-    rng = random.Random(seed)
-    info = modes.model_info(model)
-    importance = {layer: {m: rng.uniform(0.02, 0.4) for m in ("text", "visual")} for layer in info.moe_layers}
-    thresholds = {m: rng.uniform(0.005, 0.03) for m in ("text", "visual")}
-    return modes.SkipPlan(
-        importance, thresholds, model=info, special_token_ids=processor.tokenizer.all_special_ids
-    )
 
 
 def kept_sets(index: torch.Tensor, skip: torch.Tensor) -> list[list[int]]:

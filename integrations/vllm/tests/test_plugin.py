@@ -158,3 +158,39 @@ def test_the_plan_keys_vllms_compile_cache(vllm_run, plans):
         == hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     )
     assert "modes_plan_sha256" not in vllm_run(None, "compiled")["additional_config"]
+
+
+def test_the_benchmark_runs_on_qwen3_moe_and_reaches_its_target(tmp_path):
+    """benchmarks/vllm_plugin.py on a two-layer Qwen3-MoE (vLLM's dummy weights): the text-only
+    class is served with the plugin too, and the bisected threshold gives the target ratio."""
+    out = tmp_path / "bench.json"
+    _run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/vllm_plugin.py"),
+            "--shape",
+            "tiny",
+            "--target",
+            "0.5",
+            "--mode",
+            "eager",
+            "--dtype",
+            "float32",
+            "--rounds",
+            "1",
+            "--prompts",
+            "2",
+            "--prompt-tokens",
+            "16",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ],
+        {"VLLM_CACHE_ROOT": str(tmp_path / "cache")},
+    )
+    result = json.loads(out.read_text())
+    assert result["no skipping"]["skip_ratio"] == 0.0
+    assert result["plan"]["skip_ratio"] == pytest.approx(0.5, abs=0.05)
+    for name in ("plain vllm", "no skipping", "plan"):
+        assert result[name]["prefill_tokens_per_s"] > 0 and result[name]["decode_tokens_per_s"] > 0

@@ -220,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the plugin's state in this process
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU build (else a share of RAM)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (CPU build)
     work = Path(tempfile.mkdtemp(prefix="vllm-plugin-bench-"))
     model = str(shaped_checkpoint(args.shape, work / "model")) if args.shape else str(BUNDLED)
     if args.plain:

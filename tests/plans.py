@@ -1,7 +1,9 @@
-"""Hand-made MoDES plans for the bundled model's tests: every MoE layer equally important."""
+"""Hand-made MoDES plans for the bundled model's tests (also imported by the vLLM plugin's
+reference script, integrations/vllm/tests/reference.py)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 import modes
@@ -18,4 +20,16 @@ def uniform_plan(
         dict.fromkeys(modalities, tau),
         model=info,
         special_token_ids=special_token_ids,
+    )
+
+
+def random_plan(model, processor, seed: int) -> modes.SkipPlan:
+    """Alphas and thresholds drawn at random for text and visual tokens (skip ratios far from
+    the searched plans')."""
+    rng = random.Random(seed)
+    info = modes.model_info(model)
+    importance = {layer: {m: rng.uniform(0.02, 0.4) for m in ("text", "visual")} for layer in info.moe_layers}
+    thresholds = {m: rng.uniform(0.005, 0.03) for m in ("text", "visual")}
+    return modes.SkipPlan(
+        importance, thresholds, model=info, special_token_ids=processor.tokenizer.all_special_ids
     )

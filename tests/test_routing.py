@@ -4,7 +4,6 @@ no transformers."""
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import modes
 from modes.adapters.registry import MODALITIES as ENGINE_MODALITIES
 from modes.data.encoding import encode_prompts
 from modes.routing import MODALITIES, RoutingTables, route
+from plans import random_plan
 
 
 def test_the_core_imports_no_transformers():
@@ -27,16 +27,6 @@ def test_the_core_imports_no_transformers():
         == "False"
     )
     assert MODALITIES == ENGINE_MODALITIES
-
-
-def random_plan(model, processor, seed: int) -> modes.SkipPlan:
-    rng = random.Random(seed)
-    info = modes.model_info(model)
-    importance = {layer: {m: rng.uniform(0.02, 0.4) for m in ("text", "visual")} for layer in info.moe_layers}
-    thresholds = {m: rng.uniform(0.005, 0.03) for m in ("text", "visual")}
-    return modes.SkipPlan(
-        importance, thresholds, model=info, special_token_ids=processor.tokenizer.all_special_ids
-    )
 
 
 def recorded_calls(model, plan, inputs, new_tokens: int):

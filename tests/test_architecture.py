@@ -13,6 +13,7 @@ PACKAGE = Path(modes.__file__).parent
 LAYERS = [  # each may import only from the layers before it
     {"errors"},
     {"io", "defaults", "ratios", "adapters", "parallel", "routing"},
+    {"checkpoints"},
     {"data", "loading"},
     {"engine"},
     {"policies"},

@@ -86,8 +86,9 @@ def memory_bound(report: dict, read_s: float) -> dict:
     prompt's kept slots hit nearly every expert: 512 tokens x 1 slot over 128 experts hit ~98%)."""
     unskipped = report["unskipped"]["prefill_s"]
     share, ratio = report["moe_share_of_prefill"], report["plan"]["skip_ratio"]
-    moe_after = max(unskipped * share * (1 - ratio), read_s)
-    bound = unskipped / (unskipped * (1 - share) + moe_after)
+    # the Amdahl formula term for term, so a floor that does not bind gives exactly the Amdahl bound
+    moe_after = max(share * (1.0 - ratio), read_s / unskipped)
+    bound = 1.0 / ((1.0 - share) + moe_after)
     return {
         "expert_weights_read_s": read_s,
         "memory_bound": bound,

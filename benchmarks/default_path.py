@@ -24,11 +24,11 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import modes
+from host import cpu_name
 from modes.engine import moe_sites
 from modes.engine.kernels import cpu_flags, kernel_status
 from modes.evaluation.allocator import choose_allocator
@@ -97,14 +97,9 @@ def memory_bound(report: dict, read_s: float) -> dict:
 
 
 def machine() -> dict:
-    model_name = next(
-        (line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
     flags = cpu_flags()
     return {
-        "cpu": model_name,
+        "cpu": cpu_name(),
         "machine": platform.machine(),
         "cpu_flags": sorted(f for f in FLAGS_OF_INTEREST if f in flags),
         "torch": torch.__version__,

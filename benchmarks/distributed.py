@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from host import cpu_name
 
 COMMANDS = {
     "calibrate": ["calibrate", "--samples", "{samples}", "--out", "{dir}/importance.json"],
@@ -65,15 +66,6 @@ def run(launcher: str, command: str, samples: int, importance: Path, out: Path) 
     return time.perf_counter() - start
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256)
@@ -105,7 +97,7 @@ def main() -> None:
             f"{command:10s} 1 process {one:6.1f} s, 2 ranks {two:6.1f} s: {one / two:.2f}x, identical: {same}"
         )
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
     }

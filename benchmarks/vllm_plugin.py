@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from host import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "src/modes/bundled/checkpoint"
@@ -142,8 +143,7 @@ def bisect_threshold(llm, state, inputs, target: float) -> float:
 
 def _prefill_ratio(llm, state, inputs, tau: float, params) -> float:
     state.tables.tau[0] = tau
-    state.routed.zero_()
-    state.skipped.zero_()
+    state.reset()
     llm.generate(inputs, params, use_tqdm=False)
     return state.stats()["skip_ratio"]
 
@@ -183,8 +183,7 @@ def run_conditions(args, model: str) -> dict:
         order = list(conditions) if round_ % 2 == 0 else list(reversed(conditions))
         for name in order:
             state.tables.tau.copy_(conditions[name])
-            state.routed.zero_()
-            state.skipped.zero_()
+            state.reset()
             rounds[name].append(measure(llm, inputs, args.new_tokens))
             ratios[name] = state.stats()["skip_ratio"]
     return {name: {**median(results), "skip_ratio": ratios[name]} for name, results in rounds.items()}
@@ -258,7 +257,7 @@ def machine() -> dict:
     import torch
     import vllm
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     return {"device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "vllm": vllm.__version__}
 
 

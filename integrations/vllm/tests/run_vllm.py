@@ -38,9 +38,9 @@ def prompts(reference: dict) -> list[dict]:
 
 
 def forwards_of(record: list, layers: int) -> list[dict[int, list[list[int]]]]:
-    """Records (layer, ids, kept [T, k]) grouped into forwards: every MoE layer once per forward."""
+    """Records (layer, kept [T, k], expert ids [T, k]) grouped into forwards (every MoE layer once each)."""
     forwards = []
-    for position, (layer, _, kept, expert_ids) in enumerate(record):
+    for position, (layer, kept, expert_ids) in enumerate(record):
         if position % layers == 0:
             forwards.append({})
         forwards[-1][layer] = [
@@ -84,8 +84,7 @@ def main() -> None:
             result["forwards"].append(forwards_of(state.record, len(state.tables.layers)))
     if state is not None:
         state.record = None
-        state.routed.zero_()
-        state.skipped.zero_()
+        state.reset()
     outputs = llm.generate(inputs, params, use_tqdm=False)
     for output in outputs:
         completion = output.outputs[0]

@@ -4,7 +4,8 @@ An engine that routes tokens itself (vLLM, SGLang) keeps its own MoE kernels and
 module, per MoE layer, which of each token's top-k slots to drop: `RoutingTables` holds a
 plan's alphas and thresholds as small tensors and the token ids that decide each token's
 modality; `route` turns one layer's routing (router logits, or top-k weights and expert ids)
-into kept weights and expert ids, with -1 (and weight 0) where a slot is skipped. Every step
+into kept weights and expert ids, with -1 (and weight 0) where a slot is skipped (`route_coded`
+takes the tokens' modality codes instead, computed once per forward). Every step
 is a fixed-shape tensor op on the routing's device, so it can sit inside a CUDA graph.
 
 The rule and the token codes are those of `modes.apply` (checked against it in the tests):
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MODALITIES", "RoutingTables", "route"]
+__all__ = ["MODALITIES", "RoutingTables", "route", "route_coded"]
 
 MODALITIES = ("text", "visual", "audio")  # the order of `modes.adapters.registry.MODALITIES`
 OTHER = len(MODALITIES)  # special tokens: never skipped
@@ -121,6 +122,19 @@ def route(
     if weights is None or expert_ids is None:
         raise ValueError("route() needs router_logits and top_k, or weights and expert_ids")
     codes = tables.token_codes(token_ids, decode)  # [T]
+    return route_coded(tables, layer, codes, weights, expert_ids, routed_scale)
+
+
+def route_coded(
+    tables: RoutingTables,
+    layer: int,
+    codes: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    routed_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` for tokens whose modality codes [T] (`RoutingTables.token_codes`) are known: an
+    engine computes them once per forward instead of once per MoE layer."""
     alpha = tables.alpha[tables.layers[layer]][codes].unsqueeze(1)  # [T, 1]
     tau = tables.tau[codes].unsqueeze(1)  # [T, 1]
     skip = alpha * (weights.float() / routed_scale) < tau  # [T, k]

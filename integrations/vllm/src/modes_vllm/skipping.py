@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modes_vllm.routing import MODALITIES, RoutingTables, route
+from modes_vllm.routing import MODALITIES, RoutingTables, route_coded
 
 __all__ = ["PlanFileError", "SkipState", "active_state", "load_plan", "skip_stats"]
 
@@ -82,22 +82,21 @@ def _num_experts(text_config: Any) -> int:
 
 @dataclass
 class SkipState:
-    """What `skip_slots` reads (the current forward's token ids and decode mask) and what it
+    """What `skip_slots` reads (the current forward's token codes and padding mask) and what it
     counts (routed and skipped slots per modality code, on the routing's device)."""
 
     tables: RoutingTables
     keep_ids: bool  # True: skipped slots keep their expert id with weight 0 (kernels without -1)
-    token_ids: torch.Tensor  # [N] this forward's ids in [:T]
-    decode: torch.Tensor  # [N] bool
+    codes: torch.Tensor  # [N] this forward's modality codes in [:T] (`RoutingTables.token_codes`)
     valid: torch.Tensor  # [N] bool: False on padding tokens
     num_layers: int
     routed: torch.Tensor = field(init=False)  # [layers, codes] slots routed
     skipped: torch.Tensor = field(init=False)  # [layers, codes] slots skipped
-    record: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # for tests:
-    # (layer, token ids [T], kept [T, k] bool, expert ids [T, k]) of each call
+    record: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None  # for tests:
+    # (layer, kept [T, k] bool, expert ids [T, k]) of each call
 
     def __post_init__(self) -> None:
-        self.routed = torch.zeros(self.num_layers, len(CODES), dtype=torch.long, device=self.token_ids.device)
+        self.routed = torch.zeros(self.num_layers, len(CODES), dtype=torch.long, device=self.codes.device)
         self.skipped = torch.zeros_like(self.routed)
 
     @classmethod
@@ -108,19 +107,16 @@ class SkipState:
             keep_ids,
             torch.zeros(max_tokens, dtype=torch.long, device=device),
             torch.zeros(max_tokens, dtype=torch.bool, device=device),
-            torch.zeros(max_tokens, dtype=torch.bool, device=device),
             num_layers,
         )
 
     def begin_forward(self, token_ids: torch.Tensor, decode: torch.Tensor, num_valid: int | None) -> None:
-        """Write this forward's tokens into the buffers (in place: their addresses stay fixed)."""
+        """Code this forward's tokens (ids [T], decode mask [T]) into the buffers, once for every
+        MoE layer (in place: their addresses stay fixed)."""
         count = token_ids.shape[0]
-        if count > self.token_ids.shape[0]:
-            raise RuntimeError(
-                f"{count} tokens in one forward exceed the {self.token_ids.shape[0]} allocated"
-            )
-        self.token_ids[:count].copy_(token_ids)
-        self.decode[:count].copy_(decode)
+        if count > self.codes.shape[0]:
+            raise RuntimeError(f"{count} tokens in one forward exceed the {self.codes.shape[0]} allocated")
+        self.codes[:count].copy_(self.tables.token_codes(token_ids, decode))
         self.valid[:count] = True
         if num_valid is not None:
             self.valid[num_valid:count] = False
@@ -130,20 +126,22 @@ class SkipState:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept weights and expert ids [T, k] of one MoE layer's routing, counting the slots."""
         count = weights.shape[0]
-        token_ids, decode = self.token_ids[:count], self.decode[:count]
-        kept_weights, kept_ids = route(
-            self.tables, layer, token_ids, weights=weights, expert_ids=expert_ids, decode=decode
-        )
+        codes = self.codes[:count]  # [T]
+        kept_weights, kept_ids = route_coded(self.tables, layer, codes, weights, expert_ids)
         skipped = kept_ids < 0  # [T, k]
         if self.keep_ids:
             kept_ids = torch.where(skipped, expert_ids, kept_ids)
-        codes = self.tables.token_codes(token_ids, decode)  # [T]
         valid = self.valid[:count].long()  # [T]
         self.routed[layer].index_add_(0, codes, valid * weights.shape[1])
         self.skipped[layer].index_add_(0, codes, valid * skipped.sum(dim=1))
         if self.record is not None:
-            self.record.append((layer, token_ids.clone(), ~skipped, expert_ids.clone()))
+            self.record.append((layer, ~skipped, expert_ids.clone()))
         return kept_weights, kept_ids.to(expert_ids.dtype)
+
+    def reset(self) -> None:
+        """Zero the slot counts."""
+        self.routed.zero_()
+        self.skipped.zero_()
 
     def stats(self) -> dict[str, Any]:
         """Slots routed and skipped since start, per modality (special tokens under 'other') and

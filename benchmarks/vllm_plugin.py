@@ -186,7 +186,28 @@ def run_conditions(args, model: str) -> dict:
             state.reset()
             rounds[name].append(measure(llm, inputs, args.new_tokens))
             ratios[name] = state.stats()["skip_ratio"]
-    return {name: {**median(results), "skip_ratio": ratios[name]} for name, results in rounds.items()}
+    top_k = llm.llm_engine.model_config.hf_text_config.num_experts_per_tok
+    return {
+        **{name: {**median(results), "skip_ratio": ratios[name]} for name, results in rounds.items()},
+        "op_us_per_moe_layer_decode": op_cost_us(state, args.prompts, top_k),
+    }
+
+
+def op_cost_us(state, tokens: int, top_k: int, calls: int = 2000) -> float:
+    """Microseconds per `modes_vllm::skip_slots` call on one decode step's routing [tokens, k],
+    timed alone (the plugin's cost per MoE layer and forward, beside the experts' own)."""
+    import torch
+
+    weights = torch.rand(tokens, top_k, device=state.codes.device)  # [T, k]
+    expert_ids = torch.randint(0, 8, (tokens, top_k), dtype=torch.int32, device=state.codes.device)
+    layer = min(state.tables.layers)
+    for _ in range(100):  # warm-up
+        torch.ops.modes_vllm.skip_slots(weights, expert_ids, layer)
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.ops.modes_vllm.skip_slots(weights, expert_ids, layer)
+    state.reset()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def median(results: list[dict]) -> dict:
@@ -249,8 +270,10 @@ def main() -> None:
             result[name][f"{key}_vs_no_skipping"] = result[name][key] / base[key]
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.out:  # written whole or not at all
+        partial = Path(f"{args.out}.partial")
+        partial.write_text(text + "\n")
+        partial.replace(args.out)
 
 
 def machine() -> dict:

@@ -113,6 +113,18 @@ def test_the_plugin_core_imports_neither_modes_nor_transformers_moe_code():
     assert _run([sys.executable, "-c", code]).stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(("version", "warns"), [("0.32.0", False), ("0.33.0", True)])
+def test_register_warns_on_a_vllm_it_is_not_tested_with(monkeypatch, caplog, version, warns):
+    import modes_vllm
+    import vllm
+
+    monkeypatch.setenv("MODES_PLAN", str(PLAN_88))
+    monkeypatch.setattr(vllm, "__version__", version)
+    with caplog.at_level("WARNING", logger="modes_vllm"):
+        modes_vllm.register()
+    assert ("tested with vLLM 0.32.x and runs on vLLM " + version in caplog.text) == warns
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_thresholds_give_plain_vllms_tokens_and_logprobs(vllm_run, mode):
     plain, zero = vllm_run(None, mode), vllm_run("zero", mode)
@@ -194,3 +206,4 @@ def test_the_benchmark_runs_on_qwen3_moe_and_reaches_its_target(tmp_path):
     assert result["plan"]["skip_ratio"] == pytest.approx(0.5, abs=0.05)
     for name in ("plain vllm", "no skipping", "plan"):
         assert result[name]["prefill_tokens_per_s"] > 0 and result[name]["decode_tokens_per_s"] > 0
+    assert result["op_us_per_moe_layer_decode"] > 0

@@ -8,7 +8,7 @@ skipped, included). `TargetOf` names which one a target means; `SkipRatios` carr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from modes.errors import UsageError
@@ -16,7 +16,7 @@ from modes.errors import UsageError
 __all__ = ["SkipRatios", "TargetOf"]
 
 
-class TargetOf(str, Enum):
+class TargetOf(StrEnum):
     """What a target skip ratio is a share of. A ``str``: JSON and argparse see plain words."""
 
     SKIPPABLE = "skippable"
@@ -28,9 +28,6 @@ class TargetOf(str, Enum):
             return cls(value)
         except ValueError:
             raise UsageError(f"target_of must be one of {[m.value for m in cls]}, not {value!r}") from None
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

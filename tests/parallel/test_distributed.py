@@ -105,7 +105,9 @@ def test_exit_waits_for_gloo_to_release_the_last_gather(tmp_path):
         held = [weakref.ref(t) for t in parallel._last_exchange]
         assert len(held) == 4  # this rank's size, every rank's size, this payload, every payload
         parallel._drain_last_exchange()  # what exit runs: returns once only we hold them
-        assert parallel._last_exchange == [] and all(ref() is None for ref in held)
+        tensors = {i: ref() for i, ref in enumerate(held)}
+        alive = {i: (t._use_count(), sys.getrefcount(t)) for i, t in tensors.items() if t is not None}
+        assert parallel._last_exchange == [] and not alive, f"still alive (C++ uses, Python refs): {alive}"
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,7 @@ forever. Only rank 0 writes files and shows progress (`Ranks.is_main`).
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import time
@@ -97,6 +98,7 @@ _DRAIN_SECONDS = 5.0
 
 
 def _drain_last_exchange() -> None:
+    gc.collect()  # a collective's work or future left in a reference cycle holds its tensors too
     deadline = time.monotonic() + _DRAIN_SECONDS
     while any(t._use_count() > 1 for t in _last_exchange) and time.monotonic() < deadline:
         time.sleep(1e-3)  # releases the GIL the worker needs
